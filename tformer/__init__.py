@@ -1,0 +1,13 @@
+"""tformer: tokenize text, train Transformers, generate from them, and inspect their attention."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("tformer")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+from tformer.config import PRESETS, ModelConfig  # noqa: E402
+from tformer.errors import TformerError  # noqa: E402
+
+__all__ = ["__version__", "ModelConfig", "PRESETS", "TformerError"]

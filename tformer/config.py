@@ -1,0 +1,218 @@
+"""Model configuration: one dataclass that checks itself, and named presets.
+
+Kept free of torch imports so the CLI starts fast and configs can be read anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from tformer.errors import ConfigError
+
+ARCHS = ("encoder", "decoder", "encoder-decoder")
+POS_ENCODINGS = ("sinusoidal", "learned", "rope")
+NORM_PLACEMENTS = ("post", "pre")
+NORMS = ("layernorm", "rmsnorm")
+# gelu_tanh is GPT-2's tanh approximation of GELU ("gelu_new" in transformers).
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu")
+INITS = ("paper", "gpt2")
+
+
+@dataclass
+class ModelConfig:
+    """The shape of a Transformer, with names from "Attention Is All You Need" (Vaswani et al., 2017).
+
+    `arch` picks the variant: `encoder` (BERT-style, masked LM), `decoder` (GPT-style, causal LM)
+    or `encoder-decoder` (the paper's translation model). `n_encoder_layers` is used by the
+    encoder and encoder-decoder, `n_decoder_layers` by the decoder and encoder-decoder.
+    """
+
+    arch: str = "decoder"
+    vocab_size: int = 8192
+    d_model: int = 512
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # grouped-query attention; None means n_heads (plain multi-head)
+    n_encoder_layers: int = 6
+    n_decoder_layers: int = 6
+    d_ff: int = 2048
+    dropout: float = 0.1
+    max_seq_len: int = 512
+    pos_encoding: str = "sinusoidal"
+    rope_base: float = 10000.0
+    norm_placement: str = "post"
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    activation: str = "relu"
+    bias: bool = True
+    tie_embeddings: bool = True
+    scale_embeddings: bool = True  # multiply token embeddings by sqrt(d_model), as in the paper (section 3.4)
+    init: str = "paper"  # "paper": Xavier uniform; "gpt2": N(0, 0.02) with scaled residual projections
+    preset: str | None = field(default=None, compare=False)  # the preset this config started from
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        self.validate()
+
+    # -- derived values -------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        """d_k = d_v = d_model / n_heads."""
+        return self.d_model // self.n_heads
+
+    @property
+    def has_encoder(self) -> bool:
+        return self.arch in ("encoder", "encoder-decoder")
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.arch in ("decoder", "encoder-decoder")
+
+    # -- checks ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid field and what is allowed."""
+        _choice("arch", self.arch, ARCHS)
+        _choice("pos_encoding", self.pos_encoding, POS_ENCODINGS)
+        _choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
+        _choice("norm", self.norm, NORMS)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("init", self.init, INITS)
+        for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+            _positive_int(name, getattr(self, name))
+        for name in ("n_encoder_layers", "n_decoder_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name}={value!r} must be a non-negative integer")
+        if self.has_encoder and self.n_encoder_layers == 0:
+            raise ConfigError(f"n_encoder_layers must be at least 1 for arch={self.arch!r}")
+        if self.has_decoder and self.n_decoder_layers == 0:
+            raise ConfigError(f"n_decoder_layers must be at least 1 for arch={self.arch!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                f"choose n_heads among the divisors of d_model: {_divisors(self.d_model)}"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
+                f"choose n_kv_heads among {_divisors(self.n_heads)}"
+            )
+        if self.pos_encoding == "rope" and self.head_dim % 2:
+            raise ConfigError(
+                f"pos_encoding='rope' needs an even head_dim, but d_model/n_heads = {self.head_dim}"
+            )
+        if self.pos_encoding == "sinusoidal" and self.d_model % 2:
+            raise ConfigError(f"pos_encoding='sinusoidal' needs an even d_model, got {self.d_model}")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"dropout={self.dropout!r} must be a number in [0, 1)")
+        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
+            raise ConfigError(f"norm_eps={self.norm_eps!r} must be a positive number")
+        if not (isinstance(self.rope_base, (int, float)) and self.rope_base > 0):
+            raise ConfigError(f"rope_base={self.rope_base!r} must be a positive number")
+
+    # -- construction and serialisation ----------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """The named preset, with any field overridden (None values are ignored)."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls.from_dict({**values, "preset": name})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Build from a dict (e.g. a checkpoint's config.json); unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown model config field(s): {', '.join(unknown)}; known fields: {', '.join(sorted(names))}"
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name}={value!r} must be a positive integer")
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+# The paper's model, as in Vaswani et al. (2017): post-norm, ReLU, sinusoidal positions,
+# embeddings scaled by sqrt(d_model) and shared with the pre-softmax projection.
+_PAPER = dict(
+    arch="encoder-decoder",
+    pos_encoding="sinusoidal",
+    norm_placement="post",
+    norm="layernorm",
+    activation="relu",
+    bias=True,
+    tie_embeddings=True,
+    scale_embeddings=True,
+    init="paper",
+)
+# GPT-2 (Radford et al., 2019): pre-norm, learned positions, tanh-GELU, N(0, 0.02) init.
+_GPT = dict(
+    arch="decoder",
+    pos_encoding="learned",
+    norm_placement="pre",
+    norm="layernorm",
+    activation="gelu_tanh",
+    bias=True,
+    tie_embeddings=True,
+    scale_embeddings=False,
+    init="gpt2",
+    norm_eps=1e-5,
+)
+# A small modern decoder for a CPU: pre-norm, rotary positions.
+_SMALL_GPT = dict(_GPT, pos_encoding="rope", activation="gelu", dropout=0.0)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Table 3 of the paper, "base": N=6, d_model=512, d_ff=2048, h=8, P_drop=0.1; 37000-token shared BPE vocabulary.
+    "vaswani-base": dict(
+        _PAPER, vocab_size=37000, d_model=512, n_heads=8, n_encoder_layers=6, n_decoder_layers=6,
+        d_ff=2048, dropout=0.1, max_seq_len=512,
+    ),
+    # Table 3, "big": d_model=1024, d_ff=4096, h=16, P_drop=0.3.
+    "vaswani-big": dict(
+        _PAPER, vocab_size=37000, d_model=1024, n_heads=16, n_encoder_layers=6, n_decoder_layers=6,
+        d_ff=4096, dropout=0.3, max_seq_len=512,
+    ),
+    # GPT-2 small, 124M parameters.
+    "gpt2": dict(
+        _GPT, vocab_size=50257, d_model=768, n_heads=12, n_encoder_layers=0, n_decoder_layers=12,
+        d_ff=3072, dropout=0.1, max_seq_len=1024,
+    ),
+    # BERT-base (Devlin et al., 2019): post-norm, learned positions, GELU, LayerNorm eps 1e-12.
+    "bert-base": dict(
+        arch="encoder", vocab_size=30522, d_model=768, n_heads=12, n_encoder_layers=12, n_decoder_layers=0,
+        d_ff=3072, dropout=0.1, max_seq_len=512, pos_encoding="learned", norm_placement="post",
+        norm="layernorm", norm_eps=1e-12, activation="gelu", bias=True, tie_embeddings=True,
+        scale_embeddings=False, init="gpt2",
+    ),
+    # Small models that train in minutes on a laptop CPU.
+    "tiny": dict(
+        _SMALL_GPT, vocab_size=8192, d_model=128, n_heads=4, n_encoder_layers=4, n_decoder_layers=4,
+        d_ff=512, max_seq_len=256,
+    ),
+    "small": dict(
+        _SMALL_GPT, vocab_size=8192, d_model=384, n_heads=6, n_encoder_layers=6, n_decoder_layers=6,
+        d_ff=1536, max_seq_len=256, dropout=0.1,
+    ),
+}
