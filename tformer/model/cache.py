@@ -30,8 +30,8 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, H_kv, T, hd) at slots input_pos (T,); return the whole buffers (B, H_kv, max_len, hd)."""
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        self.k.index_copy_(2, input_pos, k.detach().to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.detach().to(self.v.dtype))
         return self.k, self.v
 
     def select_rows(self, index: Tensor) -> None:
@@ -44,8 +44,9 @@ class CrossKV(nn.Module):
 
     def __init__(self, k: Tensor, v: Tensor):
         super().__init__()
-        self.register_buffer("k", k, persistent=False)  # (B, H_kv, S, hd)
-        self.register_buffer("v", v, persistent=False)
+        # Own contiguous copies: the projections are views, and caches serve inference only.
+        self.register_buffer("k", k.detach().clone(memory_format=torch.contiguous_format), persistent=False)
+        self.register_buffer("v", v.detach().clone(memory_format=torch.contiguous_format), persistent=False)
 
     def select_rows(self, index: Tensor) -> None:
         select_rows(self, index)

@@ -1,0 +1,51 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tformer.model.layers import FeedForward, RotaryEmbedding, apply_rotary, sinusoidal_table
+
+from conftest import tiny_config
+
+
+def test_sinusoidal_encoding_equals_the_papers_formula():
+    n, d = 50, 16
+    table = sinusoidal_table(n, d)
+    for pos in (0, 1, 7, 49):
+        for i in range(d // 2):
+            angle = pos / (10000 ** (2 * i / d))
+            assert math.isclose(table[pos, 2 * i].item(), math.sin(angle), abs_tol=1e-6)
+            assert math.isclose(table[pos, 2 * i + 1].item(), math.cos(angle), abs_tol=1e-6)
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    rope = RotaryEmbedding(head_dim=8, max_seq_len=64)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(m: int, n: int) -> float:
+        cq, sq = rope(torch.tensor([m]))
+        ck, sk = rope(torch.tensor([n]))
+        return (apply_rotary(q, cq, sq) * apply_rotary(k, ck, sk)).sum().item()
+
+    assert math.isclose(score(3, 1), score(12, 10), rel_tol=1e-4)
+    assert math.isclose(score(20, 20), score(0, 0), rel_tol=1e-4)
+    assert not math.isclose(score(3, 1), score(3, 2), rel_tol=1e-3)
+    # rotation keeps the norm, and position 0 is the identity
+    c0, s0 = rope(torch.tensor([0]))
+    assert torch.allclose(apply_rotary(q, c0, s0), q)
+    c5, s5 = rope(torch.tensor([5]))
+    assert math.isclose(apply_rotary(q, c5, s5).norm().item(), q.norm().item(), rel_tol=1e-5)
+
+
+def test_feed_forward_is_equation_2():
+    ffn = FeedForward(tiny_config(activation="relu"))
+    x = torch.randn(2, 5, 32)
+    expected = F.relu(x @ ffn.w1.weight.T + ffn.w1.bias) @ ffn.w2.weight.T + ffn.w2.bias
+    assert torch.allclose(ffn(x), expected, atol=1e-6)
+
+
+def test_swiglu_feed_forward():
+    ffn = FeedForward(tiny_config(activation="swiglu", bias=False))
+    x = torch.randn(2, 5, 32)
+    expected = (F.silu(x @ ffn.w1.weight.T) * (x @ ffn.w3.weight.T)) @ ffn.w2.weight.T
+    assert torch.allclose(ffn(x), expected, atol=1e-6)

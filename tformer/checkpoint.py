@@ -1,0 +1,283 @@
+"""Checkpoints are directories: `model.safetensors`, `config.json` (the full resolved config), and,
+once a tokenizer or training state exists, `tokenizer.json` and the training state beside them.
+
+Only safetensors and JSON are ever read: no pickle. A directory written by Hugging Face
+`transformers` for GPT-2 (`save_pretrained`) loads as a `DecoderLM` wherever a checkpoint is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from tformer import __version__
+from tformer.config import ModelConfig
+from tformer.errors import CheckpointError, ConfigError
+from tformer.files import atomic_write, atomic_write_json
+from tformer.model import build_model
+
+WEIGHTS_FILE = "model.safetensors"
+SHARD_INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+FORMAT = "tformer"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model (in eval mode), its config, and config.json's other sections."""
+
+    model: nn.Module
+    config: ModelConfig
+    path: Path
+    source: str = FORMAT  # "tformer", or "hf-gpt2" for a directory written by transformers
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        p = self.path / TOKENIZER_FILE
+        return p if p.is_file() else None
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under torch.compile (`_orig_mod`) and DDP/FSDP-style (`module`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def state_dict_for_saving(model: nn.Module) -> dict[str, Tensor]:
+    """Contiguous CPU tensors of the plain module, with no wrapper prefixes in their names."""
+    state = unwrap_model(model).state_dict()
+    clean = {}
+    for name, tensor in state.items():
+        name = re.sub(r"^(?:_orig_mod\.|module\.)+", "", name)
+        clean[name] = tensor.detach().to("cpu").contiguous()
+    return clean
+
+
+def save_checkpoint(
+    directory: str | Path, model: nn.Module, config: ModelConfig, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write model.safetensors and config.json into `directory`, each atomically (temp file, then rename).
+
+    `extra` adds sections to config.json beside "model" (e.g. the training config).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = state_dict_for_saving(model)
+    metadata = {"format": "pt", "tformer_version": __version__}
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    document = {"format": FORMAT, "tformer_version": __version__, "model": config.to_dict(), **(extra or {})}
+    atomic_write_json(directory / CONFIG_FILE, document)
+    return directory
+
+
+def read_config(directory: str | Path) -> tuple[ModelConfig, str, dict[str, Any]]:
+    """The model config of a checkpoint directory without loading weights: (config, source, other sections)."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise CheckpointError(f"checkpoint directory '{directory}' does not exist")
+    if not directory.is_dir():
+        raise CheckpointError(f"'{directory}' is not a checkpoint directory (it is a file)")
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"'{directory}' is not a checkpoint: {CONFIG_FILE} is missing "
+            f"(a checkpoint directory holds {WEIGHTS_FILE} and {CONFIG_FILE})"
+        )
+    try:
+        document = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(document, dict):
+        raise CheckpointError(f"{config_path} must hold a JSON object")
+    if document.get("format") == FORMAT:
+        if not isinstance(document.get("model"), dict):
+            raise CheckpointError(f"{config_path} has no 'model' section")
+        try:
+            config = ModelConfig.from_dict(document["model"])
+        except (ConfigError, TypeError) as e:
+            raise CheckpointError(f"{config_path}: {e}") from None
+        extra = {k: v for k, v in document.items() if k not in ("format", "tformer_version", "model")}
+        return config, FORMAT, extra
+    if document.get("model_type") == "gpt2":
+        return gpt2_config_from_hf(document, config_path), "hf-gpt2", {"hf_config": document}
+    kind = document.get("model_type")
+    raise CheckpointError(
+        f"{config_path} is neither a tformer config nor a Hugging Face GPT-2 config"
+        + (f" (model_type={kind!r} is not supported)" if kind else "")
+    )
+
+
+def load_checkpoint(
+    directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> Checkpoint:
+    """Load a checkpoint directory (ours, or a transformers GPT-2 directory) into an eval-mode model.
+
+    Tensors are read on the CPU, checked against the config (every missing, unexpected or
+    wrongly shaped tensor is an error that names it), then the model is moved to `device`/`dtype`.
+    """
+    directory = Path(directory)
+    config, source, extra = read_config(directory)
+    tensors = read_safetensors(directory)
+    if source == "hf-gpt2":
+        tensors = gpt2_state_from_hf(tensors, config)
+    model = build_model(config)
+    load_state(model, tensors, where=str(directory / WEIGHTS_FILE))
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    return Checkpoint(model=model, config=config, path=directory, source=source, extra=extra)
+
+
+def load_state(model: nn.Module, tensors: dict[str, Tensor], where: str) -> None:
+    """Copy `tensors` into `model`, naming any missing, unexpected or wrongly shaped tensor."""
+    expected = model.state_dict()
+    problems = []
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing:
+        problems.append(f"missing tensor(s) {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensor(s) {_names(unexpected)}")
+    for name, tensor in tensors.items():
+        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+            problems.append(
+                f"tensor '{name}' has shape {tuple(tensor.shape)} but the config needs {tuple(expected[name].shape)}"
+            )
+    if problems:
+        raise CheckpointError(f"{where} does not match its config: " + "; ".join(problems[:4])
+                              + (f"; and {len(problems) - 4} more" if len(problems) > 4 else ""))
+    model.load_state_dict(tensors, strict=True)
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def read_safetensors(directory: Path) -> dict[str, Tensor]:
+    """All tensors of `model.safetensors` (or of the shards a `model.safetensors.index.json` names), on the CPU."""
+    single, index = directory / WEIGHTS_FILE, directory / SHARD_INDEX_FILE
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = [directory / name for name in dict.fromkeys(weight_map.values())]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a valid shard index: {e}") from None
+    else:
+        hint = ""
+        if (directory / "pytorch_model.bin").exists():
+            hint = " (it has pytorch_model.bin, a pickle, which tformer never loads; re-save with safetensors)"
+        raise CheckpointError(f"'{directory}' has no {WEIGHTS_FILE}{hint}")
+    tensors: dict[str, Tensor] = {}
+    for path in files:
+        if not path.is_file():
+            raise CheckpointError(f"weights file {path} is missing")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    tensors[name] = f.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{path} is unreadable (truncated or not a safetensors file): {detail}") from None
+    return tensors
+
+
+# -- Hugging Face GPT-2 ------------------------------------------------------------------------
+
+_HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+
+
+def gpt2_config_from_hf(hf: dict[str, Any], where: Path | str = "config.json") -> ModelConfig:
+    """Our ModelConfig for a transformers GPT2Config dict (GPT-2 is pre-norm with learned positions)."""
+    for flag, fine in (("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False),
+                       ("scale_attn_weights", True)):
+        if hf.get(flag, fine) != fine:
+            raise CheckpointError(f"{where}: GPT-2 option {flag}={hf.get(flag)!r} is not supported")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in _HF_ACTIVATIONS:
+        raise CheckpointError(
+            f"{where}: activation_function={activation!r} is not supported; "
+            f"supported: {', '.join(_HF_ACTIVATIONS)}"
+        )
+    try:
+        d_model = int(hf["n_embd"])
+        return ModelConfig(
+            arch="decoder",
+            vocab_size=int(hf["vocab_size"]),
+            d_model=d_model,
+            n_heads=int(hf["n_head"]),
+            n_encoder_layers=0,
+            n_decoder_layers=int(hf["n_layer"]),
+            d_ff=int(hf.get("n_inner") or 4 * d_model),
+            dropout=float(hf.get("resid_pdrop", 0.1)),
+            max_seq_len=int(hf["n_positions"]),
+            pos_encoding="learned",
+            norm_placement="pre",
+            norm="layernorm",
+            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            activation=_HF_ACTIVATIONS[activation],
+            bias=True,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            scale_embeddings=False,
+            init="gpt2",
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{where}: GPT-2 config lacks {e}") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+# Our name for each GPT-2 tensor name (after the "transformer." prefix is removed), and whether
+# the tensor is a Conv1D weight, stored as (in, out) rather than nn.Linear's (out, in).
+_GPT2_NAMES: list[tuple[str, str, bool]] = [
+    (r"wte\.weight", "embed.tok.weight", False),
+    (r"wpe\.weight", "embed.pos.weight", False),
+    (r"h\.(\d+)\.ln_1\.(weight|bias)", r"decoder.layers.\1.self_attn_norm.\2", False),
+    (r"h\.(\d+)\.attn\.c_attn\.weight", r"decoder.layers.\1.self_attn.qkv_proj.weight", True),
+    (r"h\.(\d+)\.attn\.c_attn\.bias", r"decoder.layers.\1.self_attn.qkv_proj.bias", False),
+    (r"h\.(\d+)\.attn\.c_proj\.weight", r"decoder.layers.\1.self_attn.out_proj.weight", True),
+    (r"h\.(\d+)\.attn\.c_proj\.bias", r"decoder.layers.\1.self_attn.out_proj.bias", False),
+    (r"h\.(\d+)\.ln_2\.(weight|bias)", r"decoder.layers.\1.ffn_norm.\2", False),
+    (r"h\.(\d+)\.mlp\.c_fc\.weight", r"decoder.layers.\1.ffn.w1.weight", True),
+    (r"h\.(\d+)\.mlp\.c_fc\.bias", r"decoder.layers.\1.ffn.w1.bias", False),
+    (r"h\.(\d+)\.mlp\.c_proj\.weight", r"decoder.layers.\1.ffn.w2.weight", True),
+    (r"h\.(\d+)\.mlp\.c_proj\.bias", r"decoder.layers.\1.ffn.w2.bias", False),
+    (r"ln_f\.(weight|bias)", r"decoder.final_norm.\1", False),
+    (r"lm_head\.weight", "lm_head.weight", False),
+]
+# Causal-mask buffers that older GPT-2 files carry; they are derived, not weights.
+_GPT2_SKIP = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+
+
+def gpt2_state_from_hf(tensors: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """Rename (and transpose Conv1D weights of) a transformers GPT-2 state dict into ours."""
+    state: dict[str, Tensor] = {}
+    for hf_name, tensor in tensors.items():
+        name = hf_name.removeprefix("transformer.")
+        if _GPT2_SKIP.fullmatch(name):
+            continue
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue  # tied: the same matrix as wte
+        for pattern, ours, conv1d in _GPT2_NAMES:
+            if re.fullmatch(pattern, name):
+                state[re.sub(pattern, ours, name)] = tensor.t().contiguous() if conv1d else tensor
+                break
+        else:
+            state[hf_name] = tensor  # reported as unexpected by load_state
+    return state
