@@ -49,3 +49,23 @@ def test_swiglu_feed_forward():
     x = torch.randn(2, 5, 32)
     expected = (F.silu(x @ ffn.w1.weight.T) * (x @ ffn.w3.weight.T)) @ ffn.w2.weight.T
     assert torch.allclose(ffn(x), expected, atol=1e-6)
+
+
+def test_gpt2_init_scales_residual_projections_and_paper_init_is_xavier():
+    from tformer.model import build_model
+
+    cfg = tiny_config(d_model=256, n_heads=4, d_ff=1024, n_decoder_layers=8, init="gpt2", vocab_size=500)
+    model = build_model(cfg)
+    block = model.decoder.layers[0]
+    assert abs(block.self_attn.qkv_proj.weight.std().item() - 0.02) < 0.002
+    residual_std = 0.02 / math.sqrt(2 * 8)
+    for w in (block.self_attn.out_proj.weight, block.ffn.w2.weight):
+        assert abs(w.std().item() - residual_std) < 0.1 * residual_std
+    assert block.ffn.w1.bias.abs().sum() == 0
+
+    paper = build_model(tiny_config(arch="encoder-decoder", d_model=256, n_heads=4, d_ff=1024, init="paper"))
+    w = paper.encoder.layers[0].ffn.w1.weight  # Xavier uniform: U(-a, a), a = sqrt(6 / (fan_in + fan_out))
+    bound = math.sqrt(6 / (256 + 1024))
+    assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
+    emb = paper.embed.tok.weight  # N(0, d_model^-1/2): after the sqrt(d_model) scaling, unit variance
+    assert abs(emb.std().item() - 256**-0.5) < 0.1 * 256**-0.5

@@ -236,7 +236,21 @@ class _LMBase(nn.Module):
                         nn.init.normal_(proj.weight, mean=0.0, std=std)
 
 
-class DecoderLM(_LMBase):
+class _IncrementalDecoding(_LMBase):
+    """Cache handling shared by the two models with a causal decoder stack (`self.decoder`)."""
+
+    decoder: TransformerStack
+
+    def clear_cache(self) -> None:
+        """Drop the caches; the next forward pass processes whole sequences again."""
+        self.decoder.clear_cache()
+
+    def select_cache_rows(self, index: Tensor) -> None:
+        """Reorder or drop batch rows of every cache (beam search), e.g. index = tensor([2, 0, 0])."""
+        self.decoder.select_cache_rows(index)
+
+
+class DecoderLM(_IncrementalDecoding):
     """Decoder-only causal language model (GPT-style): embedding -> causal stack -> LM head."""
 
     def __init__(self, cfg: ModelConfig):
@@ -280,12 +294,6 @@ class DecoderLM(_LMBase):
         p = self.embed.tok.weight
         self.decoder.setup_cache(batch_size, max_len or self.cfg.max_seq_len, dtype or p.dtype, device or p.device)
 
-    def clear_cache(self) -> None:
-        self.decoder.clear_cache()
-
-    def select_cache_rows(self, index: Tensor) -> None:
-        self.decoder.select_cache_rows(index)
-
 
 class MLMHead(nn.Module):
     """BERT's masked-LM head: dense -> GELU -> norm -> projection to the vocabulary (+ bias)."""
@@ -325,7 +333,7 @@ class EncoderModel(_LMBase):
         return ModelOutput(logits, h, None if attn is None else {"encoder": attn["self"]})
 
 
-class Seq2Seq(_LMBase):
+class Seq2Seq(_IncrementalDecoding):
     """The paper's encoder-decoder: the decoder attends causally to itself and to the encoder output.
 
     With tie_embeddings the source embedding, target embedding and output projection share one
@@ -400,12 +408,6 @@ class Seq2Seq(_LMBase):
         p = self.embed.tok.weight
         self.decoder.setup_cache(memory.size(0), max_len or self.cfg.max_seq_len, dtype or p.dtype, p.device)
         self.decoder.set_memory(memory)
-
-    def clear_cache(self) -> None:
-        self.decoder.clear_cache()
-
-    def select_cache_rows(self, index: Tensor) -> None:
-        self.decoder.select_cache_rows(index)
 
 
 MODELS: dict[str, type[_LMBase]] = {"encoder": EncoderModel, "decoder": DecoderLM, "encoder-decoder": Seq2Seq}
