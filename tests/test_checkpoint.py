@@ -138,3 +138,20 @@ def test_loading_to_a_dtype(tmp_path):
     model = load_checkpoint(tmp_path, dtype=torch.bfloat16).model
     assert next(model.parameters()).dtype == torch.bfloat16
     assert model(torch.randint(0, 61, (1, 4))).logits.dtype == torch.bfloat16
+
+
+def test_find_latest_checkpoint(tmp_path):
+    import os
+
+    from tformer.checkpoint import find_latest_checkpoint
+
+    cfg = tiny_config()
+    for i, name in enumerate(["run-a/latest", "run-b/best", "run-a/best"]):
+        save_checkpoint(tmp_path / name, build_model(cfg), cfg)
+        os.utime(tmp_path / name / WEIGHTS_FILE, (1_000_000 + i, 1_000_000 + i))
+    (tmp_path / "not-a-checkpoint").mkdir()
+    (tmp_path / "not-a-checkpoint" / CONFIG_FILE).write_text("{}")
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "run-a/best"
+    assert find_latest_checkpoint(tmp_path / "run-b/best") == tmp_path / "run-b/best"
+    with pytest.raises(CheckpointError, match="no checkpoint found under"):
+        find_latest_checkpoint(tmp_path / "not-a-checkpoint")

@@ -28,7 +28,12 @@ WEIGHTS_FILE = "model.safetensors"
 SHARD_INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
+# Written by `tformer train` beside the weights: optimizer/scheduler tensors, and step, tokens seen,
+# best_val_loss, lr, RNG states and data position as JSON.
+OPTIMIZER_FILE = "optimizer.safetensors"
+TRAINER_STATE_FILE = "trainer_state.json"
 FORMAT = "tformer"
+DEFAULT_ROOT = Path("checkpoints")
 
 
 @dataclass
@@ -45,6 +50,31 @@ class Checkpoint:
     def tokenizer_path(self) -> Path | None:
         p = self.path / TOKENIZER_FILE
         return p if p.is_file() else None
+
+
+def is_checkpoint_dir(directory: Path) -> bool:
+    """True when `directory` holds a config.json and weights (a single file or a shard index)."""
+    return (directory / CONFIG_FILE).is_file() and (
+        (directory / WEIGHTS_FILE).is_file() or (directory / SHARD_INDEX_FILE).is_file()
+    )
+
+
+def find_latest_checkpoint(root: str | Path = DEFAULT_ROOT) -> Path:
+    """The checkpoint directory under `root` (at any depth) whose weights were written most recently."""
+    root = Path(root)
+    if is_checkpoint_dir(root):
+        return root
+    candidates = [p.parent for p in root.rglob(CONFIG_FILE) if is_checkpoint_dir(p.parent)] if root.is_dir() else []
+    if not candidates:
+        raise CheckpointError(
+            f"no checkpoint found under '{root}'; train one with `tformer train` or pass --checkpoint DIR"
+        )
+
+    def written(directory: Path) -> float:
+        weights = directory / WEIGHTS_FILE
+        return (weights if weights.is_file() else directory / SHARD_INDEX_FILE).stat().st_mtime
+
+    return max(candidates, key=written)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
