@@ -155,3 +155,36 @@ def test_find_latest_checkpoint(tmp_path):
     assert find_latest_checkpoint(tmp_path / "run-b/best") == tmp_path / "run-b/best"
     with pytest.raises(CheckpointError, match="no checkpoint found under"):
         find_latest_checkpoint(tmp_path / "not-a-checkpoint")
+
+
+def test_find_latest_skips_temporary_dirs_but_finds_an_interrupted_swap(tmp_path):
+    import os
+
+    from tformer.checkpoint import find_latest_checkpoint
+
+    cfg = tiny_config()
+    save_checkpoint(tmp_path / "run" / "best", build_model(cfg), cfg)
+    save_checkpoint(tmp_path / "run" / ".latest.new-abc", build_model(cfg), cfg)  # half-written
+    os.utime(tmp_path / "run" / "best" / WEIGHTS_FILE, (1_000_000, 1_000_000))
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "run" / "best"
+    save_checkpoint(tmp_path / "run" / ".latest.old", build_model(cfg), cfg)  # killed between the renames
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "run" / ".latest.old"
+    save_checkpoint(tmp_path / "run" / "latest", build_model(cfg), cfg)
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "run" / "latest"
+
+
+def test_atomic_directory_swap_and_recovery(tmp_path):
+    from tformer.files import atomic_directory, recover_directory
+
+    target = tmp_path / "latest"
+    with atomic_directory(target) as tmp:
+        (tmp / "w").write_text("one")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(target) as tmp:
+            (tmp / "w").write_text("half")
+            raise KeyboardInterrupt
+    assert (target / "w").read_text() == "one" and [p.name for p in tmp_path.iterdir()] == ["latest"]
+    # simulate kill -9 between the two renames: only .latest.old exists
+    target.rename(tmp_path / ".latest.old")
+    recover_directory(target)
+    assert (target / "w").read_text() == "one"

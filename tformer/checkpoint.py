@@ -64,7 +64,7 @@ def find_latest_checkpoint(root: str | Path = DEFAULT_ROOT) -> Path:
     root = Path(root)
     if is_checkpoint_dir(root):
         return root
-    candidates = [p.parent for p in root.rglob(CONFIG_FILE) if is_checkpoint_dir(p.parent)] if root.is_dir() else []
+    candidates = [p.parent for p in root.rglob(CONFIG_FILE) if _visible(p.parent, root)] if root.is_dir() else []
     if not candidates:
         raise CheckpointError(
             f"no checkpoint found under '{root}'; train one with `tformer train` or pass --checkpoint DIR"
@@ -75,6 +75,18 @@ def find_latest_checkpoint(root: str | Path = DEFAULT_ROOT) -> Path:
         return (weights if weights.is_file() else directory / SHARD_INDEX_FILE).stat().st_mtime
 
     return max(candidates, key=written)
+
+
+def _visible(directory: Path, root: Path) -> bool:
+    """A complete checkpoint not inside a temporary directory; a `.NAME.old` left by an interrupted
+    directory swap (see files.atomic_directory) counts while NAME itself is missing."""
+    if not is_checkpoint_dir(directory):
+        return False
+    for part in directory.relative_to(root).parts:
+        if part.startswith("."):
+            if not (part.endswith(".old") and not (directory.parent / part[1:-4]).exists()):
+                return False
+    return True
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -1,9 +1,10 @@
-"""Atomic file writes: a crash or Ctrl-C mid-write leaves the previous file intact."""
+"""Atomic file and directory writes: a crash or Ctrl-C mid-write leaves the previous version intact."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -63,3 +64,45 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON to `path` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def _old_sibling(path: Path) -> Path:
+    return path.parent / f".{path.name}.old"
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `path`; on success it replaces `path` as a whole.
+
+    The swap is two renames (old -> `.NAME.old`, new -> NAME). Killed between them, `path` is
+    missing and `.NAME.old` holds the previous complete version: `recover_directory` puts it back.
+    Killed earlier, `path` is untouched; only a `.NAME.new-*` directory is left, cleaned up next time.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.new-", dir=path.parent))
+    try:
+        yield tmp
+        old = _old_sibling(path)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(_old_sibling(path), ignore_errors=True)
+
+
+def recover_directory(path: str | os.PathLike) -> None:
+    """Finish or undo a swap that `atomic_directory` was stopped in the middle of."""
+    path = Path(path)
+    old = _old_sibling(path)
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, path)
+    for stale in path.parent.glob(f".{path.name}.new-*"):
+        shutil.rmtree(stale, ignore_errors=True)
