@@ -1,0 +1,223 @@
+"""Batches for the three training objectives, drawn from flat token arrays (memory-mapped token files).
+
+- causal LM (decoder): random windows of context + 1 tokens; predict each next token.
+- masked LM (encoder): 15% of positions chosen; of those 80% become <mask>, 10% a random token,
+  10% stay (Devlin et al., 2019); predict the original token at the chosen positions.
+- sequence to sequence (encoder-decoder): source/target pairs, or, from plain text, T5-style span
+  corruption (Raffel et al., 2020) with <mask> as the sentinel for every dropped span.
+
+Every random choice goes through one `torch.Generator` whose state is the data position: saving
+and restoring it makes a resumed run draw exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tformer.tokenize import PairTokens, SpecialIds
+
+IGNORE_INDEX = -100  # label of positions that carry no loss
+
+
+def _window(tokens: np.ndarray, start: int, length: int) -> Tensor:
+    return torch.from_numpy(tokens[start:start + length].astype(np.int64))
+
+
+def _pad(rows: list[Tensor], value: int) -> Tensor:
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
+
+
+# -- causal LM ------------------------------------------------------------------------------------
+
+def causal_batch(tokens: np.ndarray, starts: Tensor, context: int) -> dict[str, Tensor]:
+    """Inputs and next-token labels (B, context) from windows of context + 1 tokens at `starts`."""
+    windows = torch.stack([_window(tokens, int(s), context + 1) for s in starts])
+    return {"idx": windows[:, :-1], "labels": windows[:, 1:]}
+
+
+# -- masked LM ------------------------------------------------------------------------------------
+
+def mask_tokens(
+    idx: Tensor, specials: SpecialIds, vocab_size: int, mask_prob: float, g: torch.Generator
+) -> dict[str, Tensor]:
+    """BERT's corruption of a (B, T) batch: returns the corrupted ids and labels (IGNORE_INDEX where unchosen)."""
+    B, T = idx.shape
+    chosen = torch.rand(B, T, generator=g) < mask_prob
+    # at least one prediction per row, so the loss is always defined
+    empty = ~chosen.any(dim=1)
+    chosen[empty, torch.randint(T, (B,), generator=g)[empty]] = True
+    labels = torch.where(chosen, idx, IGNORE_INDEX)
+    roll = torch.rand(B, T, generator=g)
+    random_ids = torch.randint(vocab_size, (B, T), generator=g)  # BERT draws from the whole vocabulary
+    corrupted = torch.where(chosen & (roll < 0.8), specials.mask, idx)
+    corrupted = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_ids, corrupted)
+    return {"idx": corrupted, "labels": labels}
+
+
+# -- sequence to sequence ----------------------------------------------------------------------
+
+def _segment(total: int, n: int, g: torch.Generator) -> list[int]:
+    """`total` split into `n` positive parts at random (needs total >= n)."""
+    if n <= 1:
+        return [total]
+    cuts = (torch.randperm(total - 1, generator=g)[: n - 1] + 1).sort().values.tolist()
+    bounds = [0, *cuts, total]
+    return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+def span_corrupt(
+    tokens: Tensor, specials: SpecialIds, density: float, mean_span: float, g: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """T5-style span corruption of one sequence: about `density` of the tokens, in spans of mean length
+    `mean_span`, are dropped from the source (each span replaced by <mask>) and become the target
+    (<mask> span1 <mask> span2 ... <eos>)."""
+    n = len(tokens)
+    n_noise = min(max(1, round(n * density)), n - 1)
+    n_spans = max(1, min(round(n_noise / mean_span), n_noise, n - n_noise))
+    noise, keep = _segment(n_noise, n_spans, g), _segment(n - n_noise, n_spans, g)
+    src, tgt, pos = [], [], 0
+    for k, s in zip(keep, noise):  # kept text first, then a dropped span, alternately
+        src.append(tokens[pos:pos + k])
+        pos += k
+        src.append(torch.tensor([specials.mask]))
+        tgt.extend([torch.tensor([specials.mask]), tokens[pos:pos + s]])
+        pos += s
+    src.append(torch.tensor([specials.eos]))
+    tgt.append(torch.tensor([specials.eos]))
+    return torch.cat(src), torch.cat(tgt)
+
+
+def seq2seq_batch(sources: list[Tensor], targets: list[Tensor], specials: SpecialIds) -> dict[str, Tensor]:
+    """Pad a batch of (source, target) sequences. The decoder reads <bos> + target and predicts target + <eos>,
+    unless the target already ends in <eos>."""
+    tgt_in, tgt_out = [], []
+    for t in targets:
+        out = t if len(t) and int(t[-1]) == specials.eos else torch.cat([t, torch.tensor([specials.eos])])
+        tgt_out.append(out)
+        tgt_in.append(torch.cat([torch.tensor([specials.bos]), out[:-1]]))
+    src = _pad(sources, specials.pad)
+    src_mask = _pad([torch.ones(len(s), dtype=torch.bool) for s in sources], False)
+    tgt_mask = _pad([torch.ones(len(t), dtype=torch.bool) for t in tgt_in], False)
+    return {
+        "src": src, "src_mask": src_mask,
+        "tgt": _pad(tgt_in, specials.pad), "tgt_mask": tgt_mask,
+        "labels": _pad(tgt_out, IGNORE_INDEX),
+    }
+
+
+# -- samplers ---------------------------------------------------------------------------------------
+
+class Batches:
+    """Random training batches for one objective. `state()`/`load_state()` save and restore the data position."""
+
+    def __init__(
+        self,
+        objective: str,
+        context: int,
+        batch_size: int,
+        seed: int,
+        tokens: np.ndarray | None = None,
+        pairs: PairTokens | None = None,
+        specials: SpecialIds | None = None,
+        vocab_size: int = 0,
+        mask_prob: float = 0.15,
+        mean_span: float = 3.0,
+    ):
+        if objective not in ("causal", "masked", "span", "pairs"):
+            raise ValueError(f"unknown objective {objective!r}")
+        self.objective, self.context, self.batch_size = objective, context, batch_size
+        self.tokens, self.pairs, self.specials = tokens, pairs, specials
+        self.vocab_size, self.mask_prob, self.mean_span = vocab_size, mask_prob, mean_span
+        self.g = torch.Generator().manual_seed(seed)
+
+    def state(self) -> Tensor:
+        return self.g.get_state()
+
+    def load_state(self, state: Tensor) -> None:
+        self.g.set_state(state)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        B, C, g = self.batch_size, self.context, self.g
+        if self.objective == "pairs":
+            rows = torch.randint(len(self.pairs), (B,), generator=g).tolist()
+            return pair_rows(self.pairs, rows, C, self.specials)
+        # a window of C + 1 tokens for the causal objective (inputs and shifted labels), else C
+        span = C + 1 if self.objective == "causal" else C
+        starts = torch.randint(len(self.tokens) - span + 1, (B,), generator=g)
+        if self.objective == "causal":
+            return causal_batch(self.tokens, starts, C)
+        windows = torch.stack([_window(self.tokens, int(s), span) for s in starts])
+        if self.objective == "masked":
+            return mask_tokens(windows, self.specials, self.vocab_size, self.mask_prob, g)
+        pieces = [span_corrupt(w, self.specials, self.mask_prob, self.mean_span, g) for w in windows]
+        return seq2seq_batch([s for s, _ in pieces], [t for _, t in pieces], self.specials)
+
+
+def pair_rows(pairs: PairTokens, rows: list[int], context: int, specials: SpecialIds) -> dict[str, Tensor]:
+    """A padded batch of the pairs at `rows`, each side cut to fit `context` tokens."""
+    sources, targets = [], []
+    for i in rows:
+        src, tgt = pairs[i]
+        sources.append(torch.from_numpy(src[:context].astype(np.int64)))
+        targets.append(torch.from_numpy(tgt[: context - 1].astype(np.int64)))
+    return seq2seq_batch(sources, targets, specials)
+
+
+def eval_batches(
+    objective: str,
+    context: int,
+    batch_size: int,
+    n_batches: int,
+    seed: int,
+    tokens: np.ndarray | None = None,
+    pairs: PairTokens | None = None,
+    specials: SpecialIds | None = None,
+    vocab_size: int = 0,
+    mask_prob: float = 0.15,
+    mean_span: float = 3.0,
+) -> Iterator[dict[str, Tensor]]:
+    """Validation batches, the same at every evaluation. n_batches = 0 covers the whole split once:
+    consecutive non-overlapping windows (or every pair); otherwise n_batches random batches from a
+    generator of its own, so evaluating never disturbs the training randomness."""
+    g = torch.Generator().manual_seed(seed)
+    if n_batches > 0:
+        sampler = Batches(objective, context, batch_size, seed, tokens, pairs, specials, vocab_size,
+                          mask_prob, mean_span)
+        for _ in range(n_batches):
+            yield next(sampler)
+        return
+    if objective == "pairs":
+        for first in range(0, len(pairs), batch_size):
+            yield pair_rows(pairs, list(range(first, min(first + batch_size, len(pairs)))), context, specials)
+        return
+    span = context + 1 if objective == "causal" else context
+    # windows overlap by one token for the causal objective so every token is predicted exactly once
+    step = context
+    n_windows = max(0, (len(tokens) - span) // step + 1)
+    starts = torch.arange(n_windows) * step
+    for first in range(0, n_windows, batch_size):
+        chunk = starts[first:first + batch_size]
+        if objective == "causal":
+            yield causal_batch(tokens, chunk, context)
+            continue
+        windows = torch.stack([_window(tokens, int(s), span) for s in chunk])
+        if objective == "masked":
+            yield mask_tokens(windows, specials, vocab_size, mask_prob, g)
+        else:
+            pieces = [span_corrupt(w, specials, mask_prob, mean_span, g) for w in windows]
+            yield seq2seq_batch([s for s, _ in pieces], [t for _, t in pieces], specials)
+
+
+def steps_per_epoch(objective: str, n_train: int, context: int, tokens_per_step: int, batch_rows: int) -> int:
+    """Optimizer steps for one pass over the training data (windows of `context` tokens, or pairs)."""
+    if objective == "pairs":
+        return max(1, math.ceil(n_train / batch_rows))
+    return max(1, math.ceil(n_train / tokens_per_step))
