@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -112,27 +113,45 @@ def seq2seq_batch(sources: list[Tensor], targets: list[Tensor], specials: Specia
 
 # -- samplers ---------------------------------------------------------------------------------------
 
-class Batches:
-    """Random training batches for one objective. `state()`/`load_state()` save and restore the data position."""
+OBJECTIVE_NAMES = ("causal", "masked", "span", "pairs")
 
-    def __init__(
-        self,
-        objective: str,
-        context: int,
-        batch_size: int,
-        seed: int,
-        tokens: np.ndarray | None = None,
-        pairs: PairTokens | None = None,
-        specials: SpecialIds | None = None,
-        vocab_size: int = 0,
-        mask_prob: float = 0.15,
-        mean_span: float = 3.0,
-    ):
-        if objective not in ("causal", "masked", "span", "pairs"):
-            raise ValueError(f"unknown objective {objective!r}")
+
+@dataclass
+class Objective:
+    """One training objective on one split of the data: flat `tokens`, or `pairs` for "pairs"."""
+
+    name: str  # causal, masked, span or pairs
+    tokens: np.ndarray | None = None
+    pairs: PairTokens | None = None
+    specials: SpecialIds | None = None
+    vocab_size: int = 0
+    mask_prob: float = 0.15
+    mean_span: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.name not in OBJECTIVE_NAMES:
+            raise ValueError(f"unknown objective {self.name!r}; choose one of {OBJECTIVE_NAMES}")
+
+    def window_length(self, context: int) -> int:
+        """Tokens read per row: context + 1 for the causal objective (inputs and shifted labels)."""
+        return context + 1 if self.name == "causal" else context
+
+    def batch_at(self, starts: Tensor, context: int, g: torch.Generator) -> dict[str, Tensor]:
+        """The batch of the windows that start at `starts` (flat-token objectives)."""
+        if self.name == "causal":
+            return causal_batch(self.tokens, starts, context)
+        windows = torch.stack([_window(self.tokens, int(s), context) for s in starts])
+        if self.name == "masked":
+            return mask_tokens(windows, self.specials, self.vocab_size, self.mask_prob, g)
+        pieces = [span_corrupt(w, self.specials, self.mask_prob, self.mean_span, g) for w in windows]
+        return seq2seq_batch([src for src, _ in pieces], [tgt for _, tgt in pieces], self.specials)
+
+
+class Batches:
+    """Random training batches of an objective. `state()`/`load_state()` save and restore the data position."""
+
+    def __init__(self, objective: Objective, context: int, batch_size: int, seed: int):
         self.objective, self.context, self.batch_size = objective, context, batch_size
-        self.tokens, self.pairs, self.specials = tokens, pairs, specials
-        self.vocab_size, self.mask_prob, self.mean_span = vocab_size, mask_prob, mean_span
         self.g = torch.Generator().manual_seed(seed)
 
     def state(self) -> Tensor:
@@ -145,20 +164,13 @@ class Batches:
         return self
 
     def __next__(self) -> dict[str, Tensor]:
-        B, C, g = self.batch_size, self.context, self.g
-        if self.objective == "pairs":
-            rows = torch.randint(len(self.pairs), (B,), generator=g).tolist()
-            return pair_rows(self.pairs, rows, C, self.specials)
-        # a window of C + 1 tokens for the causal objective (inputs and shifted labels), else C
-        span = C + 1 if self.objective == "causal" else C
-        starts = torch.randint(len(self.tokens) - span + 1, (B,), generator=g)
-        if self.objective == "causal":
-            return causal_batch(self.tokens, starts, C)
-        windows = torch.stack([_window(self.tokens, int(s), span) for s in starts])
-        if self.objective == "masked":
-            return mask_tokens(windows, self.specials, self.vocab_size, self.mask_prob, g)
-        pieces = [span_corrupt(w, self.specials, self.mask_prob, self.mean_span, g) for w in windows]
-        return seq2seq_batch([s for s, _ in pieces], [t for _, t in pieces], self.specials)
+        obj, g = self.objective, self.g
+        if obj.name == "pairs":
+            rows = torch.randint(len(obj.pairs), (self.batch_size,), generator=g).tolist()
+            return pair_rows(obj.pairs, rows, self.context, obj.specials)
+        span = obj.window_length(self.context)
+        starts = torch.randint(len(obj.tokens) - span + 1, (self.batch_size,), generator=g)
+        return obj.batch_at(starts, self.context, g)
 
 
 def pair_rows(pairs: PairTokens, rows: list[int], context: int, specials: SpecialIds) -> dict[str, Tensor]:
@@ -172,48 +184,29 @@ def pair_rows(pairs: PairTokens, rows: list[int], context: int, specials: Specia
 
 
 def eval_batches(
-    objective: str,
-    context: int,
-    batch_size: int,
-    n_batches: int,
-    seed: int,
-    tokens: np.ndarray | None = None,
-    pairs: PairTokens | None = None,
-    specials: SpecialIds | None = None,
-    vocab_size: int = 0,
-    mask_prob: float = 0.15,
-    mean_span: float = 3.0,
+    objective: Objective, context: int, batch_size: int, n_batches: int, seed: int
 ) -> Iterator[dict[str, Tensor]]:
     """Validation batches, the same at every evaluation. n_batches = 0 covers the whole split once:
-    consecutive non-overlapping windows (or every pair); otherwise n_batches random batches from a
-    generator of its own, so evaluating never disturbs the training randomness."""
-    g = torch.Generator().manual_seed(seed)
+    consecutive non-overlapping windows (or every pair); otherwise n_batches random batches. Either
+    way a generator of its own is used, so evaluating never disturbs the training randomness."""
     if n_batches > 0:
-        sampler = Batches(objective, context, batch_size, seed, tokens, pairs, specials, vocab_size,
-                          mask_prob, mean_span)
+        sampler = Batches(objective, context, batch_size, seed)
         for _ in range(n_batches):
             yield next(sampler)
         return
-    if objective == "pairs":
-        for first in range(0, len(pairs), batch_size):
-            yield pair_rows(pairs, list(range(first, min(first + batch_size, len(pairs)))), context, specials)
+    if objective.name == "pairs":
+        n = len(objective.pairs)
+        for first in range(0, n, batch_size):
+            yield pair_rows(objective.pairs, list(range(first, min(first + batch_size, n))), context,
+                            objective.specials)
         return
-    span = context + 1 if objective == "causal" else context
-    # windows overlap by one token for the causal objective so every token is predicted exactly once
-    step = context
-    n_windows = max(0, (len(tokens) - span) // step + 1)
-    starts = torch.arange(n_windows) * step
+    g = torch.Generator().manual_seed(seed)
+    # causal windows overlap by one token (the last label of one is the first input of the next),
+    # so every token of the split is predicted exactly once
+    n_windows = max(0, (len(objective.tokens) - objective.window_length(context)) // context + 1)
+    starts = torch.arange(n_windows) * context
     for first in range(0, n_windows, batch_size):
-        chunk = starts[first:first + batch_size]
-        if objective == "causal":
-            yield causal_batch(tokens, chunk, context)
-            continue
-        windows = torch.stack([_window(tokens, int(s), span) for s in chunk])
-        if objective == "masked":
-            yield mask_tokens(windows, specials, vocab_size, mask_prob, g)
-        else:
-            pieces = [span_corrupt(w, specials, mask_prob, mean_span, g) for w in windows]
-            yield seq2seq_batch([s for s, _ in pieces], [t for _, t in pieces], specials)
+        yield objective.batch_at(starts[first:first + batch_size], context, g)
 
 
 def steps_per_epoch(objective: str, n_train: int, context: int, tokens_per_step: int, batch_rows: int) -> int:

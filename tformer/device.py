@@ -66,3 +66,22 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
         if name == "bf16" and not torch.cuda.is_bf16_supported():
             raise ConfigError("--dtype bf16 is not supported by this GPU; use fp16 or auto")
     return Precision(name, _DTYPES[name])
+
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets, in FLOP/s, for the MFU estimate.
+_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+              "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The bf16 peak of a known CUDA GPU (None elsewhere): the denominator of MFU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in _PEAK_BF16.items() if key in name), None)
+
+
+def flops_per_token(n_params: int, n_layers: int, d_model: int, context: int) -> float:
+    """Training FLOPs per token: 6 per parameter (forward and backward) plus the attention scores,
+    12 * layers * d_model * context (Kaplan et al., 2020; the PaLM paper's appendix B)."""
+    return 6 * n_params + 12 * n_layers * d_model * context

@@ -32,9 +32,9 @@ from tformer.checkpoint import (
     CONFIG_FILE, OPTIMIZER_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE, save_checkpoint, unwrap_model,
 )
 from tformer.config import ModelConfig, TrainConfig
-from tformer.data import IGNORE_INDEX, Batches, eval_batches, steps_per_epoch
+from tformer.data import IGNORE_INDEX, Batches, Objective, eval_batches, steps_per_epoch
 from tformer.tokenize import PairTokens, SpecialIds
-from tformer.device import Precision, resolve_device, resolve_precision
+from tformer.device import Precision, flops_per_token, peak_flops, resolve_device, resolve_precision
 from tformer.errors import CheckpointError, TformerError
 from tformer.files import atomic_directory, atomic_write_text, recover_directory
 from tformer.model import build_model
@@ -60,6 +60,11 @@ class TrainData:
     @property
     def n_train(self) -> int:
         return len(self.train_pairs) if self.objective == "pairs" else len(self.train_tokens)
+
+    def split(self, name: str, cfg: TrainConfig) -> Objective:
+        """The objective on the "train" or "val" split."""
+        return Objective(self.objective, getattr(self, f"{name}_tokens"), getattr(self, f"{name}_pairs"),
+                         self.specials, self.vocab_size, cfg.mask_prob, cfg.mean_span)
 
 
 @dataclass
@@ -318,8 +323,7 @@ def train(
     model.to(device)
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_scaler)
-    batches = Batches(data.objective, cfg.context, cfg.batch_size, cfg.seed, data.train_tokens, data.train_pairs,
-                      data.specials, data.vocab_size, cfg.mask_prob, cfg.mean_span)
+    batches = Batches(data.split("train", cfg), cfg.context, cfg.batch_size, cfg.seed)
     state = LoopState()
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / METRICS_FILE
@@ -346,12 +350,14 @@ def train(
         return target
 
     def run_eval() -> dict[str, float]:
-        return evaluate(compiled, arch, eval_batches(
-            data.objective, cfg.context, cfg.batch_size, cfg.eval_batches, cfg.seed + 1, data.val_tokens,
-            data.val_pairs, data.specials, data.vocab_size, cfg.mask_prob, cfg.mean_span), device, precision)
+        val = eval_batches(data.split("val", cfg), cfg.context, cfg.batch_size, cfg.eval_batches, cfg.seed + 1)
+        return evaluate(compiled, arch, val, device, precision)
 
     emit("start", {"total_steps": total_steps, "step": state.step, "device": str(device), "dtype": precision.name,
                    "parameters": unwrap_model(model).num_parameters(), "out": str(out)})
+    peak = peak_flops(device)
+    layers = model_cfg.n_decoder_layers + (model_cfg.n_encoder_layers if model_cfg.has_encoder else 0)
+    token_flops = flops_per_token(unwrap_model(model).num_parameters(), layers, model_cfg.d_model, cfg.context)
     compiled.train()
     smoothing = cfg.label_smoothing if arch == "encoder-decoder" else 0.0
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -401,6 +407,8 @@ def train(
                 state.elapsed = now - started
                 line = {"step": state.step, "loss": state.train_loss, "lr": lr, "tokens": state.tokens_seen,
                         "tokens_per_s": window_tokens / max(now - window_start, 1e-9), "time": state.elapsed}
+                if peak is not None:
+                    line["mfu"] = token_flops * line["tokens_per_s"] / peak
                 if eval_now:
                     state.val = run_eval()
                     line.update(state.val)
