@@ -13,7 +13,7 @@ other work on the machine shifts absolute times. Every row generates exactly the
 tokens (no <eos> stops either side); the greedy token ids are checked equal.
 
     python benchmarks/bench_generate.py                      # cpu, cache, batch
-    python benchmarks/bench_generate.py --sections gpu       # on a machine with CUDA
+    python benchmarks/bench_generate.py --sections gpu       # on a machine with CUDA (--device, --dtype)
 """
 
 from __future__ import annotations
@@ -28,13 +28,16 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from tformer.checkpoint import gpt2_config_from_hf, gpt2_state_from_hf, load_state
-from tformer.generate import GenerateConfig, generate
+from tformer.generate import GenerateConfig, cpu_decoding_layout, generate
 from tformer.model import build_model
 
 transformers.logging.set_verbosity_error()
 
 
 PROMPT_LEN = 16  # tokens in every prompt
+GPT2_XL = transformers.GPT2Config(n_embd=1600, n_layer=48, n_head=25)  # 1.5B
+SMOKE = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=512)  # --smoke: checks the script runs
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def word_tokenizer(vocab_size: int) -> Tokenizer:
@@ -53,12 +56,15 @@ def pair(hf_config: transformers.GPT2Config, device: str, dtype: torch.dtype):
     cfg = gpt2_config_from_hf(hf_config.to_dict())
     ours = build_model(cfg)
     load_state(ours, gpt2_state_from_hf(hf.state_dict(), cfg), where="random GPT-2")
-    return hf.to(device, dtype), ours.to(device, dtype).eval()
+    ours = ours.to(device, dtype).eval()
+    if device == "cpu":  # as `tformer generate` loads a model for the CPU
+        cpu_decoding_layout(ours)
+    return hf.to(device, dtype), ours
 
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable[[], object], device: str) -> tuple[float, object]:
@@ -179,9 +185,9 @@ def section_batch(args) -> None:
         print(f"  ratio: {m['tformer'] / m['transformers generate']:.2f}x")
 
 
-def copy_bandwidth(device: str) -> float:
-    """Bytes read + written per second by a 1 GiB device-to-device copy (median of 10)."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+def copy_bandwidth(device: str, size: int = 1 << 30) -> float:
+    """Bytes read + written per second by a device-to-device copy of `size` bytes (median of 10)."""
+    a = torch.empty(size, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     times = []
     for _ in range(12):
@@ -191,17 +197,20 @@ def copy_bandwidth(device: str) -> float:
 
 
 def section_gpu(args) -> None:
-    if not torch.cuda.is_available():
+    dev, dtype = args.device, DTYPES[args.dtype]
+    if dev.startswith("cuda") and not torch.cuda.is_available():
         print("\n[gpu] no CUDA device: GPU figures still to be taken")
         return
-    dev, bf16 = "cuda", torch.bfloat16
-    print(f"\n[gpu] {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else dev
+    print(f"\n[gpu] {name}, torch {torch.__version__}, transformers {transformers.__version__}"
+          + ("  (--smoke: tiny shapes, the numbers mean nothing)" if args.smoke else ""))
     n = args.new_tokens
-    hf, ours = pair(transformers.GPT2Config(), dev, bf16)
+    small, xl = (SMOKE, SMOKE) if args.smoke else (transformers.GPT2Config(), GPT2_XL)
+    hf, ours = pair(small, dev, dtype)
     tok = word_tokenizer(hf.config.vocab_size)
     for batch in (1, 32):
         prompts = prompts_for(tok, hf.config.vocab_size, batch, PROMPT_LEN)
-        m = compare(f"[gpu] GPT-2 124M, greedy, {where(dev, bf16, batch, PROMPT_LEN, n)} (tok/s counts all rows)", {
+        m = compare(f"[gpu] GPT-2 124M, greedy, {where(dev, dtype, batch, PROMPT_LEN, n)} (tok/s counts all rows)", {
             "tformer": ours_fn(ours, tok, prompts, n),
             "tformer --compile": ours_fn(ours, tok, prompts, n, compile=True),
             "transformers generate": hf_fn(hf, tok, prompts, n, dev),
@@ -210,25 +219,27 @@ def section_gpu(args) -> None:
         print(f"  ratio vs transformers: eager {m['tformer'] / ref:.2f}x, compiled {m['tformer --compile'] / ref:.2f}x"
               + ("  (target >= 4x)" if batch == 1 else ""))
     del hf, ours
-    torch.cuda.empty_cache()
+    if dev.startswith("cuda"):
+        torch.cuda.empty_cache()
 
     # GPT-2 XL (1.5B): decoding one row is bound by reading the weights (and the cache) once per token.
-    xl = transformers.GPT2Config(n_embd=1600, n_layer=48, n_head=25)
     cfg = gpt2_config_from_hf(xl.to_dict())
     torch.manual_seed(0)
-    model = build_model(cfg).to(dev, bf16).eval()
+    model = build_model(cfg).to(dev, dtype).eval()
     tok = word_tokenizer(cfg.vocab_size)
-    bw = copy_bandwidth(dev)
+    bw = copy_bandwidth(dev, 1 << 20 if args.smoke else 1 << 30)
     for batch in (1, 32):
         prompts = prompts_for(tok, cfg.vocab_size, batch, PROMPT_LEN)
-        m = compare(f"[gpu] GPT-2 XL shape, greedy, {where(dev, bf16, batch, PROMPT_LEN, n)} (tok/s counts all rows)", {
+        m = compare(f"[gpu] GPT-2 XL shape, greedy, {where(dev, dtype, batch, PROMPT_LEN, n)} (tok/s counts all rows)", {
             "tformer": ours_fn(model, tok, prompts, n),
             "tformer --compile": ours_fn(model, tok, prompts, n, compile=True),
         }, n * batch, args.trials, dev, warmup=2)
         if batch == 1:
-            weights = sum(p.numel() for name, p in model.named_parameters() if "pos" not in name) * 2
+            size = dtype.itemsize
+            # the position table is read one row per token; everything else in full
+            weights = sum(p.numel() for name, p in model.named_parameters() if "pos" not in name) * size
             cache_len = PROMPT_LEN + n - 1  # the static cache is read in full at every step
-            cache = 2 * cfg.n_decoder_layers * batch * cache_len * cfg.d_model * 2
+            cache = 2 * cfg.n_decoder_layers * batch * cache_len * cfg.d_model * size
             for name, rate in m.items():
                 r = rate / batch
                 print(f"  {name}: {(weights + cache) * r / 1e9:.0f} GB/s read ({weights / 1e9:.2f} GB weights + "
@@ -251,6 +262,10 @@ def main() -> None:
     p.add_argument("--cache-layers", type=int, default=4)
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--batch-new-tokens", type=int, default=64)
+    p.add_argument("--device", default="cuda", help="gpu section: the device (cuda, cuda:1, ...)")
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="gpu section: the weights' dtype")
+    p.add_argument("--smoke", action="store_true", help="gpu section: tiny shapes, to check the script runs "
+                   "anywhere (e.g. --sections gpu --device cpu --dtype fp32 --smoke --new-tokens 8 --trials 1)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -188,3 +188,19 @@ def test_atomic_directory_swap_and_recovery(tmp_path):
     target.rename(tmp_path / ".latest.old")
     recover_directory(target)
     assert (target / "w").read_text() == "one"
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    import os
+
+    from tformer.files import atomic_directory, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "page.html", "<p>hi</p>")
+        with atomic_directory(tmp_path / "run") as d:
+            (d / "x.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "page.html").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    assert (tmp_path / "run").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700

@@ -3,6 +3,7 @@ streaming, and the `tformer generate` command."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from tformer.generate import (
     sample_logits,
 )
 from tformer.model import build_model
+from tformer.tokenize import byte_alphabet
 
 from conftest import tiny_config
 
@@ -128,6 +130,25 @@ def test_cache_and_no_cache_give_identical_ids(tmp_path, tokenizer_file, vocab, 
         assert max(len(c.token_ids) for c in cached.completions) > 32  # it did go past the context
     if variant.get("arch") != "encoder-decoder":
         assert any("slid" in n for n in cached.notices)
+
+
+def test_cpu_decoding_layout_keeps_values_and_ids(gpt2_dir):
+    from tformer.checkpoint import load_checkpoint
+
+    plain = load_checkpoint(gpt2_dir).model
+    loaded = load(gpt2_dir, device="cpu")  # on the CPU, load() stores the matrices transposed
+    for (name, a), b in zip(plain.named_parameters(), loaded.model.parameters()):
+        assert torch.equal(a, b), name
+    w = loaded.model.embed.tok.weight  # tied: also the output projection
+    assert w.stride() == (1, w.size(0)) and plain.embed.tok.weight.is_contiguous()
+    idx = torch.tensor([loaded.tokenizer.encode(PROMPTS[1]).ids])
+    with torch.no_grad():
+        full = plain(idx).logits
+        last = loaded.model(idx, last_only=True).logits  # (1, 1, V): the last position's only
+    assert last.shape == (1, 1, full.size(-1)) and torch.allclose(last[:, 0], full[:, -1], atol=1e-5)
+    tok = loaded.tokenizer
+    assert [c.token_ids for c in generate(plain, tok, PROMPTS, GREEDY).completions] == \
+        [c.token_ids for c in generate(loaded.model, tok, PROMPTS, GREEDY).completions]
 
 
 def test_long_prompt_keeps_its_last_tokens_and_says_so(tmp_path, tokenizer_file, vocab):
@@ -259,6 +280,24 @@ def test_beam_search_with_and_without_cache_agree(gpt2_dir):
     assert [c.score for c in a.completions] == pytest.approx([c.score for c in b.completions], abs=1e-5)
 
 
+def test_seq2seq_projects_cross_attention_keys_and_values_once(seq2seq_dir):
+    loaded = load(seq2seq_dir, device="cpu")
+    calls = []
+    hooks = [layer.cross_attn.kv_proj.register_forward_hook(lambda *a: calls.append(1))
+             for layer in loaded.model.decoder.layers]
+    try:
+        for cfg in (GenerateConfig(max_new_tokens=10, temperature=0), GenerateConfig(max_new_tokens=10, beams=3)):
+            calls.clear()
+            result = generate(loaded.model, loaded.tokenizer, PROMPTS, cfg)
+            assert len(calls) == len(loaded.model.decoder.layers)  # once per layer, not once per step
+            assert max(len(c.token_ids) for c in result.completions) > 1
+            # the prompt of an encoder-decoder is its source
+            assert result.timings.prompt_tokens == max(len(loaded.tokenizer.encode(p).ids) for p in PROMPTS)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 # -- fill-mask ------------------------------------------------------------------------------------
 
 def test_fill_mask_gives_the_top_candidates_with_probabilities(encoder_dir):
@@ -283,11 +322,7 @@ def test_fill_mask_gives_the_top_candidates_with_probabilities(encoder_dir):
 
 def byte_ids(tok, text):
     """Ids of the single-byte tokens of `text` (byte-level BPE): a multi-byte character spans several."""
-    # GPT-2's printable stand-ins: these bytes are their own character, the others are chr(256 + n) in order
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    others = [b for b in range(256) if b not in printable]
-    char = {b: chr(b) if b in printable else chr(256 + others.index(b)) for b in range(256)}
-    return [tok.token_to_id(char[b]) for b in text.encode("utf-8")]
+    return [tok.token_to_id(byte_alphabet()[b]) for b in text.encode("utf-8")]
 
 
 def test_streaming_never_splits_a_multibyte_character(tokenizer_file):
@@ -313,6 +348,37 @@ def test_stop_string_is_never_streamed_and_ends_the_row(tokenizer_file):
     assert row.done and row.finish_reason == "stop"
     assert "".join(pieces) == row.text == "abc ST and then "
     assert row.ids == byte_ids(tok, "abc ST and then STOP")  # ids up to the one completing the stop string
+
+
+def test_byte_level_text_equals_the_tokenizers_decode_and_invalid_bytes_do_not_stall(tokenizer_file):
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # random byte and merged tokens: many sequences are invalid UTF-8
+        ids = torch.randint(5, tok.get_vocab_size(), (30,), generator=g).tolist()
+        pieces = []
+        row = _Row(0, tok, EOS, (), lambda r, t: pieces.append(t))
+        for i in ids:
+            row.add(i)
+        row.finish("length")
+        assert row.text == "".join(pieces) == tok.decode(ids, skip_special_tokens=False)
+    pieces = []
+    row = _Row(0, tok, EOS, (), lambda r, t: pieces.append(t))
+    for i in byte_ids(tok, "ok") + [tok.token_to_id(byte_alphabet()[0x80])] * 3:
+        row.add(i)  # stray continuation bytes: no character can complete them
+    assert "".join(pieces) == "ok\ufffd\ufffd\ufffd"  # shown at once, not held to the end
+
+
+def test_other_tokenizers_stream_whole_characters_too():
+    # A byte-fallback tokenizer (sentencepiece style: <0xF0> tokens), decoded without the byte-level path.
+    vocab = {"<eos>": 0, "a": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}}
+    tok = Tokenizer(models.BPE(vocab, [], byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    pieces = []
+    row = _Row(0, tok, 0, (), lambda r, t: pieces.append(t))
+    for i in tok.encode("a🙂a你").ids:
+        row.add(i)
+    row.add(0)
+    assert pieces == ["a", "🙂", "a", "你"] and row.text == "a🙂a你"
 
 
 def test_incomplete_character_at_the_token_limit_shows_as_replacement(tokenizer_file):
@@ -367,6 +433,21 @@ def test_cli_streams_a_continuation_and_reports_timings(gpt2_dir):
     assert f"cpu fp32, batch 1, prompt {n} tokens" in result.stderr and "tok/s" in result.stderr
 
 
+def test_cli_stop_strings_and_no_cache(gpt2_dir):
+    args = ["generate", "-c", str(gpt2_dir), "-p", "the cat", "-n", "30", "--temperature", "0", "--top-k", "3",
+            "--json"]
+    full = json.loads(runner.invoke(app, args).stdout)["completions"][0]
+    stop = full["text"][6:9]
+    cut = full["text"][:full["text"].index(stop)]
+    for extra in (["--stop", "never there", "--stop", stop], ["--stop", stop, "--no-cache"]):
+        result = runner.invoke(app, args + extra)
+        assert result.exit_code == 0, result.output
+        c = json.loads(result.stdout)["completions"][0]
+        assert c["text"] == cut and c["finish_reason"] == "stop"
+    no_cache = json.loads(runner.invoke(app, args + ["--no-cache"]).stdout)
+    assert no_cache["completions"][0]["token_ids"] == full["token_ids"] and no_cache["timings"]["cache"] is False
+
+
 def test_cli_json_fields(gpt2_dir, tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("the cat\na dog\n", encoding="utf-8")
@@ -398,13 +479,24 @@ def test_cli_translates_and_fills_masks(seq2seq_dir, encoder_dir):
 
 
 def test_cli_reads_the_newest_checkpoint_and_stdin(gpt2_dir, tmp_path, monkeypatch):
+    import os
     import shutil
 
-    shutil.copytree(gpt2_dir, tmp_path / "checkpoints" / "run" / "latest")
+    for age, run in enumerate(["new/latest", "new/best", "old/latest"]):  # written 0, 100 and 200 s ago
+        shutil.copytree(gpt2_dir, tmp_path / "checkpoints" / run)
+        written = (tmp_path / "checkpoints" / run / "model.safetensors").stat().st_mtime - 100 * age
+        os.utime(tmp_path / "checkpoints" / run / "model.safetensors", (written, written))
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["generate", "-n", "3", "--temperature", "0", "-q"], input="the cat\n")
+    result = runner.invoke(app, ["generate", "-n", "3", "--temperature", "0"], input="the cat\n")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("the cat")
+    assert f"using the checkpoint {Path('checkpoints/new/latest')}" in result.stderr
+    # a training run's directory: the newest of its checkpoints
+    result = runner.invoke(app, ["generate", "-c", "checkpoints/old", "-p", "the cat", "-n", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["checkpoint"] == str(Path("checkpoints/old/latest"))
+    result = runner.invoke(app, ["generate", "-c", "checkpoints/new/best", "-p", "the cat", "-n", "3"])
+    assert result.exit_code == 0 and "using the checkpoint" not in result.stderr  # named exactly: no note
 
 
 @pytest.mark.parametrize("args, message", [

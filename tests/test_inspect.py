@@ -1,9 +1,9 @@
 """`tformer inspect`: anatomy, attention statistics and head labels, exports, and the command's bad inputs."""
 
-import importlib.util
 import json
 import math
 import shutil
+import sys
 
 import pytest
 import torch
@@ -21,6 +21,15 @@ runner = CliRunner()
 ARCHS = ["decoder", "encoder", "encoder-decoder"]
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<mask>"]
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: a second thread only adds waiting (training one was 15x slower on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def write_tokenizer(directory):
@@ -291,6 +300,13 @@ def test_json_fields_match_an_independent_recomputation(tmp_path):
     with torch.no_grad():
         loaded = ti.load_checkpoint(tmp_path).model
         weights = loaded(torch.tensor([ids]), need_weights=True).attentions["decoder"]
+        # The induction probe: 4 random orderings of the non-special ids (seeded), each cut to 32 tokens and
+        # fed twice; the score is the mean weight from position 32 + k to position k + 1.
+        g = torch.Generator().manual_seed(ti.INDUCTION_SEED)
+        allowed = torch.arange(5, cfg.vocab_size)
+        n = cfg.max_seq_len // 2
+        probes = [allowed[torch.randperm(len(allowed), generator=g)[:n]] for _ in range(ti.INDUCTION_BATCH)]
+        probe_weights = [loaded(torch.cat([r, r])[None], need_weights=True).attentions["decoder"] for r in probes]
     T = len(ids)
     for head in att["stacks"]["decoder"]["heads"]:
         w = weights[head["layer"]][0, head["head"]].tolist()
@@ -306,11 +322,45 @@ def test_json_fields_match_an_independent_recomputation(tmp_path):
         assert head["first"] == pytest.approx(first, abs=1e-6)
         assert head["max_weight"] == pytest.approx(max(max(w[i]) for i in rows), abs=1e-6)
         assert head["top_key"] == max(range(T), key=received.__getitem__)
-        assert 0 <= head["induction"] <= 1
+        induction = sum(pw[head["layer"]][0, head["head"], n + k, k + 1].item() for pw in probe_weights
+                        for k in range(n)) / (n * len(probe_weights))
+        assert head["induction"] == pytest.approx(induction, abs=1e-6)
     hm = att["heatmap"]
     assert (hm["stack"], hm["layer"], hm["head"]) == ("decoder", cfg.n_decoder_layers - 1, None)
     mean = weights[-1][0].mean(0)
     assert torch.allclose(torch.tensor(hm["matrix"]), mean, atol=1e-4)
+
+
+def test_json_cross_attention_and_alignment_match_an_independent_recomputation(tmp_path):
+    make_checkpoint(tmp_path, "encoder-decoder")
+    source, target = "the cat", "le chat"
+    result = runner.invoke(app, ["inspect", "--checkpoint", str(tmp_path), "--prompt", source, "--target", target,
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    att = json.loads(result.stdout)["attention"]
+    src = [5 + ALPHABET.index(c) for c in source]
+    tgt = [5 + ALPHABET.index(c) for c in target]
+    assert att["ids"] == {"encoder": src, "decoder": [1] + tgt[:-1], "produced": tgt}  # <bos> = 1 shifts it right
+    assert att["target"] == target and att["target_from"] == "given" and att["target_tokens"] == list("le␣chat")
+    with torch.no_grad():
+        model = ti.load_checkpoint(tmp_path).model
+        cross = model(torch.tensor([src]), torch.tensor([[1] + tgt[:-1]]), need_weights=True).attentions["cross"]
+    cross = torch.stack([w[0] for w in cross])  # (L, H, T, S)
+    S = cross.size(-1)
+    for head in att["stacks"]["cross"]["heads"]:
+        w = cross[head["layer"], head["head"]].double()
+        assert head["entropy"] == pytest.approx(float((-(w * w.log()).sum(-1) / math.log(S)).mean()), abs=1e-6)
+        assert head["max_weight"] == pytest.approx(float(w.max()), abs=1e-6)
+        assert head["top_key"] == int(w.mean(0).argmax())
+        assert head["distance"] is None and head["previous"] is None  # no positions shared with the source
+    mean = cross.mean(dim=(0, 1))  # the alignment: every layer and head
+    for k, row in enumerate(att["alignment"]):
+        assert row["target"] == att["target_tokens"][k]
+        best = mean[k].topk(ti.ALIGN_TOP_K)
+        assert [s["position"] for s in row["sources"]] == best.indices.tolist()
+        assert [s["weight"] for s in row["sources"]] == pytest.approx(best.values.tolist(), abs=1e-6)
+        assert [s["token"] for s in row["sources"]] == [("␣" if source[j] == " " else source[j])
+                                                         for j in best.indices.tolist()]
 
 
 def test_untrained_checkpoint_says_so_and_assumes_batch_one(tmp_path):
@@ -448,9 +498,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no checkpoints/ here
     one_line_error(runner.invoke(app, ["inspect"]), "no checkpoint found")
 
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails, as when not installed
     one_line_error(runner.invoke(app, ["inspect", "--checkpoint", str(good), "--prompt", "ab", "--png",
                                        str(tmp_path / "x.png")]), "--png needs matplotlib", "pip install")
     assert not (tmp_path / "x.png").exists()
@@ -465,6 +513,16 @@ def test_default_checkpoint_is_the_newest(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     doc = json.loads(runner.invoke(app, ["inspect", "--json"]).stdout)
     assert doc["anatomy"]["checkpoint"] == str(new.relative_to(tmp_path)) and doc["anatomy"]["arch"] == "decoder"
+
+
+def test_a_run_directory_means_its_newest_checkpoint(tmp_path):
+    import os
+
+    best = make_checkpoint(tmp_path / "run" / "best", "encoder")
+    latest = make_checkpoint(tmp_path / "run" / "latest", "decoder")
+    os.utime(best / "model.safetensors", (1, 1))
+    doc = json.loads(runner.invoke(app, ["inspect", "--checkpoint", str(tmp_path / "run"), "--json"]).stdout)
+    assert doc["anatomy"]["checkpoint"] == str(latest) and doc["anatomy"]["arch"] == "decoder"
 
 
 # -- exports --------------------------------------------------------------------------------------------
@@ -486,7 +544,8 @@ def test_html_is_self_contained_and_json_in_it_is_escaped(tmp_path):
                                  "--html", str(out)])
     assert result.exit_code == 0, result.output
     page = out.read_text(encoding="utf-8")
-    assert "http://" not in page and "https://" not in page and "<script src" not in page
+    for remote in ("http://", "https://", "//cdn", " src=", "<link", "url(", "@import", "fetch("):
+        assert remote not in page, remote  # everything is inline: the page works offline
     assert page.count("</script>") == 2  # token text like "<mask>" cannot end the data block
     data = page.split('<script type="application/json" id="data">')[1].split("</script>")[0]
     parsed = json.loads(data)
@@ -494,22 +553,23 @@ def test_html_is_self_contained_and_json_in_it_is_escaped(tmp_path):
     assert parsed["stacks"]["encoder"]["queries"][2] == "<mask>"
 
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; Playwright never downloads a browser of its own here
+# As root Chromium needs --no-sandbox; the rest keep it from reaching for the network at start-up.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
 
 
+@pytest.mark.skipif(not shutil.which(CHROMIUM), reason="Chromium is not installed (Debian: apt-get install chromium)")
 def test_html_page_in_headless_chromium(tmp_path):
-    if not shutil.which(CHROMIUM):
-        pytest.skip("Chromium is not installed (Debian: apt-get install chromium)")
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    from playwright.sync_api import sync_playwright  # in the test extra
+
     make_checkpoint(tmp_path, "encoder-decoder")
     out = tmp_path / "page.html"
     ins = ti.inspect_checkpoint(tmp_path, prompt="the cat sat", target="le chat")
     ti.write_html(ins, out)
     errors, requests = [], []
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
@@ -522,16 +582,23 @@ def test_html_page_in_headless_chromium(tmp_path):
             before = canvas()
             page.select_option("#head", "1")
             after = canvas()
-            assert after != before
+            assert after != before  # another head: another picture
             assert page.inner_text("#maptitle") == "cross attention, layer 1, head 1"
             page.select_option("#stack", "encoder")
-            assert page.inner_text("#maptitle").startswith("encoder attention") and canvas() != after
-            # hovering a token shades the tokens it attends to
+            assert page.inner_text("#maptitle") == "encoder attention, layer 1, head 1" and canvas() != after
+            # Hovering token 2 shades every token by the weight token 2 gives it, in this layer and head.
             page.hover('.tok[data-i="2"]')
+            titles = page.eval_on_selector_all(".tok", "ts => ts.map(t => t.title)")
+            row = ins.attention.stacks["encoder"].weights[1, 1, 2].tolist()
+            assert len(titles) == len(row)
+            for title, w in zip(titles, row):
+                assert title.startswith("weight ") and float(title.split()[1]) == pytest.approx(w, abs=1.5e-3)
             shaded = page.eval_on_selector_all(".tok", "ts => ts.filter(t => t.style.background).length")
-            assert shaded >= 2
+            assert shaded >= 1
+            page.mouse.move(0, 0)
+            assert page.eval_on_selector_all(".tok", "ts => ts.filter(t => t.title).length") == 0  # cleared
             page.click("#stats tr.pick >> nth=3")  # a row of the heads table picks that head
-            assert page.input_value("#head") == "3"
+            assert page.input_value("#head") == "3" and page.inner_text("#maptitle").endswith("head 3")
         finally:
             browser.close()
     assert errors == []

@@ -179,6 +179,27 @@ def test_encoder_decoder_trains_on_tsv_pairs(tmp_path):
     assert seen[60] < seen[10] * 0.8
     assert json.loads((out / "latest" / "config.json").read_text())["train"]["label_smoothing"] == 0.1
 
+    # BLEU of greedy translations of the validation pairs, logged with the other validation metrics
+    evals = [j for j in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in j]
+    assert [j["step"] for j in evals] == [30, 60] and all(0 <= j["val_bleu"] <= 100 for j in evals)
+    assert "BLEU" in result.output
+    # ... equal to sacrebleu's BLEU of what `tformer generate --temperature 0` writes for the validation
+    # sources, against the targets as written in the .tsv file
+    from tformer.tokenize import open_tokens
+
+    n_val = len(open_tokens(out / "data").pairs("val"))
+    rows = [line.split("\t") for line in pairs.read_text().splitlines()[-n_val:]]
+    prompts = tmp_path / "sources.txt"
+    prompts.write_text("".join(src + "\n" for src, _ in rows))
+    gen = runner.invoke(app, ["generate", "--checkpoint", str(out / "latest"), "--prompt-file", str(prompts),
+                              "--temperature", "0", "--max-new-tokens", "32", "--json"])
+    assert gen.exit_code == 0, gen.output
+    hypotheses = [c["text"] for c in json.loads(gen.stdout)["completions"]]
+    assert len(hypotheses) == n_val
+    sacrebleu = pytest.importorskip("sacrebleu")
+    expected = sacrebleu.corpus_bleu(hypotheses, [[tgt for _, tgt in rows]]).score
+    assert evals[-1]["val_bleu"] == pytest.approx(expected, abs=1e-9)
+
 
 def test_resume_continues_bit_for_bit(tmp_path):
     """A run stopped at step k and resumed logs the same losses as one that was never stopped."""
@@ -209,6 +230,22 @@ def test_resume_continues_bit_for_bit(tmp_path):
     a, b = losses(straight), losses(stopped)
     assert set(a) <= set(b)
     assert all(a[step] == b[step] for step in a)  # exactly equal, not approximately
+
+
+def test_compiled_cpu_runs_use_deterministic_kernels_and_restore_the_setting():
+    """torch.compile's CPU kernels add embedding gradients with atomics (the order varies from run to run);
+    PyTorch's deterministic mode makes them fall back to the ordered kernel, which a bit-for-bit resume of a
+    --compile run needs (checked by hand: a 30-step compiled run stopped at step 13 and resumed logs the same
+    losses as an uninterrupted one; compiling makes that too slow for this suite)."""
+    from tformer.train import deterministic_kernels
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    with deterministic_kernels(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()  # ops without such a kernel still run
+    assert not torch.are_deterministic_algorithms_enabled()
+    with deterministic_kernels(False):
+        assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_sigterm_saves_and_exits_0_and_the_run_resumes(tmp_path):
@@ -278,6 +315,88 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
     state = json.loads((out / "latest" / "trainer_state.json").read_text())
     assert state["step"] == 10
     assert all(torch.isfinite(p).all() for p in load_checkpoint(out / "latest").model.parameters())
+
+
+def test_init_from_our_checkpoint_starts_from_its_weights(tmp_path):
+    """Fine-tuning on raw text (encoded with the checkpoint's tokenizer) or on a token directory written
+    with that tokenizer starts where the first run ended, not from a fresh initialisation."""
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    first = tmp_path / "first"
+    common = ["--log-every", "1", "--eval-every", "100", "--lr", "3e-3", "--warmup", "2", *TINY]
+    assert runner.invoke(app, ["train", str(corpus), "--out", str(first), "--steps", "40", *common]).exit_code == 0
+    start, end = losses(first)[1], losses(first)[40]
+    tokens = tmp_path / "tokens"
+    assert runner.invoke(app, ["tokenize", str(write_corpus(tmp_path / "more.txt", seed=7)), "--tokenizer",
+                               str(first / "latest" / "tokenizer.json"), "--out", str(tokens)]).exit_code == 0
+    for name, data in (("raw", tmp_path / "more.txt"), ("tokens", tokens)):
+        args = ["train", str(data), "--init-from", str(first / "latest"), "--out", str(tmp_path / name),
+                "--steps", "2", *common]
+        result = runner.invoke(app, [a for a in args if a not in ("--kind", "char")])
+        assert result.exit_code == 0, result.output
+        assert abs(losses(tmp_path / name)[1] - end) < 0.25 * (start - end), (name, start, end)
+        assert json.loads((tmp_path / name / "latest" / "config.json").read_text())["init_from"] == str(
+            first / "latest")
+
+
+def test_plain_log_lines_when_not_a_terminal_and_quiet_prints_only_the_summary(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    args = ["train", str(corpus), "--steps", "4", "--log-every", "2", *[a for a in TINY if a != "--quiet"]]
+    loud = runner.invoke(app, [*args, "--out", str(tmp_path / "loud")])
+    assert loud.exit_code == 0, loud.output
+    assert "\x1b[" not in loud.output  # no terminal codes in a log file
+    steps = [line for line in loud.output.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in steps] == ["2/4", "4/4"]
+    assert all(" loss " in line and " lr " in line and "tok/s" in line for line in steps)
+    assert " val " in steps[-1] and "training run" in loud.output
+    quiet = runner.invoke(app, [*args, "--out", str(tmp_path / "quiet"), "--quiet"])
+    assert quiet.exit_code == 0, quiet.output
+    assert "parameters on" not in quiet.output and not [l for l in quiet.output.splitlines() if l.startswith("step ")]
+    assert "training run" in quiet.output and "validation loss" in quiet.output
+
+
+def test_progress_bar_on_a_terminal(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import tformer.cli as cli
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=screen, force_terminal=True, width=160))
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    result = runner.invoke(app, ["train", str(corpus), "--steps", "4", "--log-every", "2", "--out",
+                                 str(tmp_path / "run"), *[a for a in TINY if a != "--quiet"]])
+    assert result.exit_code == 0, result.output
+    shown = screen.getvalue()
+    assert "\x1b[" in shown and "━" in shown  # a live bar, redrawn in place
+    assert "4/4" in shown and "loss " in shown and " val " in shown and " lr " in shown and "tok/s" in shown
+    assert not [line for line in shown.splitlines() if line.startswith("step ")]
+
+
+def test_bleu_is_skipped_with_one_notice_without_sacrebleu(tmp_path, monkeypatch):
+    import tformer.train as core
+
+    monkeypatch.setattr(core, "have_sacrebleu", lambda: False)
+    pairs = write_pairs(tmp_path / "pairs.tsv")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(pairs), "--arch", "encoder-decoder", "--out", str(out), "--steps", "4",
+                                 "--eval-every", "2", *[a for a in TINY if a != "--quiet"]])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("BLEU is skipped: it needs sacrebleu") == 1
+    evals = [j for j in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in j]
+    assert len(evals) == 2 and not any("val_bleu" in j for j in evals)
+
+
+def test_corpus_bleu_is_papineni_et_al():
+    pytest.importorskip("sacrebleu")
+    from tformer.train import corpus_bleu
+
+    references = ["the cat sat on a mat", "a dog runs in the big park"]
+    assert corpus_bleu(references, references) == pytest.approx(100.0)
+    # BLEU = BP * exp(mean of log n-gram precisions, n = 1..4); one sentence of equal length (BP = 1):
+    # clipped matches 5/6 unigrams, 3/5 bigrams, 2/4 trigrams, 1/3 four-grams
+    expected = 100 * math.exp((math.log(5 / 6) + math.log(3 / 5) + math.log(2 / 4) + math.log(1 / 3)) / 4)
+    assert corpus_bleu(["the cat sat on the mat"], ["the cat sat on a mat"]) == pytest.approx(expected)
 
 
 def test_config_file_is_read_and_flags_override_it(tmp_path):
@@ -372,4 +491,5 @@ def test_tokenizer_mismatch_between_checkpoint_and_data(tmp_path):
                                "--out", str(other)]).exit_code == 0
     result = runner.invoke(app, ["train", str(other), "--init-from", str(out / "latest"), "--out",
                                  str(tmp_path / "tuned"), "--quiet"])
-    assert "tokenizer" in one_line_error(result)
+    assert "tokenizer of the checkpoint does not match" in one_line_error(result)
+    assert not (tmp_path / "tuned" / "latest").exists()

@@ -102,7 +102,8 @@ def tokenize(
                 val_fraction=val_fraction, errors=errors, force=force, progress=progress,
             )
         finally:
-            bars.stop()
+            if tasks:  # stopping a display that never started still prints a blank line
+                bars.stop()
 
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
@@ -169,7 +170,7 @@ class _TrainView:
             line = (f"training {info['parameters']:,} parameters on {info['device']} ({info['dtype']}), "
                     f"{info['total_steps']:,} steps, checkpoints in {info['out']}")
             if not self.quiet:
-                console.print(line, highlight=False)
+                console.print(line, highlight=False, soft_wrap=True)
             if self.progress is not None:
                 self.progress.start()
                 self.task = self.progress.add_task("train", total=info["total_steps"], completed=info["step"],
@@ -181,6 +182,8 @@ class _TrainView:
             stats = f"loss {info['loss']:.4f}"
             if self.vals:
                 stats += f"  val {self.vals[-1]:.4f}"
+            if "val_bleu" in info:
+                stats += f"  BLEU {info['val_bleu']:.1f}"
             stats += f"  lr {info['lr']:.2e}  {info['tokens_per_s']:,.0f} tok/s"
             if "mfu" in info:
                 stats += f"  MFU {info['mfu']:.1%}"
@@ -188,6 +191,8 @@ class _TrainView:
                 self.progress.update(self.task, completed=info["step"], stats=stats)
             elif not self.quiet:
                 print(f"step {info['step']}/{self.info.get('total_steps', '?')}  {stats}", flush=True)
+        elif kind == "notice" and not self.quiet:
+            err_console.print(f"[yellow]note:[/] {escape(info['message'])}", highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -201,14 +206,16 @@ def train_command(
                    "output directory. Default: the built-in corpus.", show_default=False),
     arch: Optional[str] = typer.Option(None, help="encoder, decoder (default) or encoder-decoder."),
     preset: Optional[str] = typer.Option(None, help="Model/training preset: tiny (default), small, "
-                                         "baby-shakespeare, gpt2, vaswani-base, ..."),
+                                         "baby-shakespeare, shakespeare-speedrun, gpt2, bert-base, vaswani-base, "
+                                         "vaswani-big."),
     config: Optional[Path] = typer.Option(None, "--config", help="A TOML file of options; flags override it."),
     d_model: Optional[int] = typer.Option(None, "--d-model", help="Model width."),
     layers: Optional[int] = typer.Option(None, help="Layers (of each stack)."),
     heads: Optional[int] = typer.Option(None, help="Attention heads."),
     d_ff: Optional[int] = typer.Option(None, "--d-ff", help="Feed-forward width."),
     context: Optional[int] = typer.Option(None, help="Tokens per training sequence."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per micro-batch."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per micro-batch (under "
+                                             "torchrun: the global one, split over the ranks)."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
     epochs: Optional[float] = typer.Option(None, help="Passes over the training data (instead of --steps)."),
@@ -224,12 +231,16 @@ def train_command(
     device: Optional[str] = typer.Option(None, help="auto (default), cpu, cuda or mps."),
     dtype: Optional[str] = typer.Option(None, help="auto (default), fp32, bf16 or fp16."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Steps between evaluations."),
+    fsdp: Optional[bool] = typer.Option(None, "--fsdp/--no-fsdp", help="Under torchrun: shard parameters, "
+                                        "gradients and optimizer state with FSDP2 instead of DDP."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Steps between evaluations (loss, perplexity, token accuracy; "
+                                            "BLEU for encoder-decoder pairs, with sacrebleu installed)."),
     eval_batches: Optional[int] = typer.Option(None, "--eval-batches", help="Validation batches (0: the whole split)."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Steps between checkpoints."),
     log_every: Optional[int] = typer.Option(None, "--log-every", help="Steps between log lines."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: checkpoints/<corpus>-<arch>)."),
-    resume: Optional[str] = typer.Option(None, help="Continue a run: a checkpoint directory, or `auto` (the latest of --out)."),
+    resume: Optional[str] = typer.Option(None, help="Continue a run: a checkpoint directory, or `auto` (the latest of --out). "
+                                         "New raw text is encoded with the run's tokenizer."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from a checkpoint's weights (ours or a GPT-2 directory) and its tokenizer."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run in --out."),
     kind: Optional[str] = typer.Option(None, help="Tokenizer for raw text: bpe (default), char or byte."),
@@ -245,11 +256,15 @@ def train_command(
                    lr=lr, warmup=warmup, schedule=schedule, weight_decay=weight_decay, dropout=dropout, clip=clip,
                    label_smoothing=label_smoothing, seed=seed, device=device, dtype=dtype, compile=compile,
                    eval_every=eval_every, eval_batches=eval_batches, save_every=save_every, log_every=log_every,
-                   preset=preset)
-    view = _TrainView(quiet)
-    with user_errors():
-        plan = core.plan_run(corpus, options, config_file=config, out=out, resume=resume, init_from=init_from,
-                             force=force, kind=kind, vocab_size=vocab_size, tokenizer=tokenizer)
+                   preset=preset, fsdp=fsdp)
+    from tformer import distributed
+
+    # distributed: under torchrun, join the process group; rank 0 alone prints and prepares the data first
+    with user_errors(), distributed.process_group():
+        view = _TrainView(quiet or not distributed.is_main())
+        with distributed.rank_zero_first():
+            plan = core.plan_run(corpus, options, config_file=config, out=out, resume=resume, init_from=init_from,
+                                 force=force, kind=kind, vocab_size=vocab_size, tokenizer=tokenizer)
         stop = core.StopFlag()
         try:
             with stop.installed():
@@ -258,11 +273,18 @@ def train_command(
                                     extra_config=plan.extra_config)
         finally:
             view.close()
-        _train_summary(result, view, plan)
+        if distributed.is_main():
+            _train_summary(result, view, plan)
+            if distributed.world_size() > 1 and result.stopped != "done":
+                console.print(f"(under torchrun, with its options as before or any number of ranks: torchrun ... "
+                              f"-m tformer train --out {result.out_dir} --resume auto)",
+                              highlight=False, soft_wrap=True)
 
 
 def _train_summary(result, view: _TrainView, plan) -> None:
     from rich.table import Table
+
+    from tformer.train import BLEU_SAMPLE
 
     table = Table(title="training run", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -276,6 +298,8 @@ def _train_summary(result, view: _TrainView, plan) -> None:
         table.add_row("validation loss", f"{result.val['val_loss']:.4f} (perplexity {result.val['val_ppl']:.2f})")
         label = "masked-token accuracy" if plan.model_cfg.arch == "encoder" else "token accuracy"
         table.add_row(label, f"{result.val['val_acc']:.1%}")
+        if "val_bleu" in result.val:
+            table.add_row("BLEU", f"{result.val['val_bleu']:.1f} (greedy, first {BLEU_SAMPLE} validation pairs)")
     if result.best_val_loss is not None:
         table.add_row("best validation loss", f"{result.best_val_loss:.4f}  ({result.out_dir / 'best'})")
     table.add_row("latest checkpoint", str(result.out_dir / "latest"))
@@ -284,12 +308,15 @@ def _train_summary(result, view: _TrainView, plan) -> None:
     console.print(table)
     if result.stopped == "interrupted":
         console.print(f"stopped at step {result.step}; continue with: tformer train --out {result.out_dir} "
-                      f"--resume auto", highlight=False)
+                      f"--resume auto", highlight=False, soft_wrap=True)
     elif result.stopped == "time budget":
         console.print(f"time budget reached at step {result.step}; continue with: tformer train --out "
-                      f"{result.out_dir} --resume auto --time-budget SECONDS", highlight=False)
+                      f"{result.out_dir} --resume auto --time-budget SECONDS", highlight=False, soft_wrap=True)
     if plan.sample is not None and result.model is not None and result.stopped != "interrupted":
-        text = plan.sample(result.model)
+        try:
+            text = plan.sample(result.model)
+        except KeyboardInterrupt:  # everything is saved: Ctrl-C here only skips the sample
+            return
         if text:
             console.print("[bold]sample:[/]")
             console.print(text, markup=False, highlight=False)
@@ -303,7 +330,8 @@ def generate(
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="One prompt per line, run as one batch.",
                                                show_default=False),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint directory (ours, or a "
-                                              "transformers GPT-2 one). Default: the newest under checkpoints/.",
+                                              "transformers GPT-2 one), or a training run's directory (its newest "
+                                              "checkpoint). Default: the newest under checkpoints/.",
                                               show_default=False),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", help="Tokens to generate per completion."),
     temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy, whatever the options below say."),
@@ -351,6 +379,8 @@ def generate(
         )
         loaded = core.load(checkpoint, device=device, dtype=dtype)
         header = {"checkpoint": str(loaded.path), "arch": loaded.config.arch}
+        if checkpoint is None or loaded.path != checkpoint:
+            note(f"using the checkpoint {loaded.path}")
 
         if loaded.config.arch == "encoder":
             results = core.fill_mask(loaded.model, loaded.tokenizer, prompts, top=cfg.fill_top,
@@ -378,7 +408,7 @@ def generate(
             doc = {**header, "config": {k: v for k, v in vars(cfg).items()}, **result.to_dict()}
             print(json.dumps(doc, ensure_ascii=False))
         elif streaming:
-            print(echo.pop() if echo else "")
+            print(echo.pop() if echo else "", flush=True)
         else:
             for c in result.completions:
                 label = f"prompt {prompts.index(c.prompt) + 1}" if len(prompts) > 1 else "prompt"
@@ -396,8 +426,8 @@ def generate(
 @app.command("inspect")
 def inspect_command(
     checkpoint: Optional[Path] = typer.Option(
-        None, "--checkpoint", help="Checkpoint directory (ours or a Hugging Face GPT-2 one). Default: the newest "
-        "under checkpoints/.", show_default=False),
+        None, "--checkpoint", help="Checkpoint directory (ours or a Hugging Face GPT-2 one), or a training run's "
+        "directory (its newest checkpoint). Default: the newest under checkpoints/.", show_default=False),
     prompt: Optional[str] = typer.Option(
         None, help="Run the model on this text and summarise its attention (the source, for an encoder-decoder).",
         show_default=False),

@@ -148,11 +148,20 @@ class Objective:
 
 
 class Batches:
-    """Random training batches of an objective. `state()`/`load_state()` save and restore the data position."""
+    """Random training batches of an objective. `state()`/`load_state()` save and restore the data position.
 
-    def __init__(self, objective: Objective, context: int, batch_size: int, seed: int):
+    Distributed (tformer/distributed.py): `batch_size` is the global micro-batch. Every rank draws the
+    same global batch from the same generator and keeps its rows [rank * b, (rank + 1) * b), where
+    b = batch_size / world_size, so N ranks see exactly the batches of one process and the data
+    position is the same on every rank.
+    """
+
+    def __init__(self, objective: Objective, context: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
         self.objective, self.context, self.batch_size = objective, context, batch_size
         self.g = torch.Generator().manual_seed(seed)
+        share = batch_size // world_size
+        self.rows = slice(rank * share, (rank + 1) * share)  # this rank's rows of each global batch
 
     def state(self) -> Tensor:
         return self.g.get_state()
@@ -167,10 +176,13 @@ class Batches:
         obj, g = self.objective, self.g
         if obj.name == "pairs":
             rows = torch.randint(len(obj.pairs), (self.batch_size,), generator=g).tolist()
-            return pair_rows(obj.pairs, rows, self.context, obj.specials)
+            return pair_rows(obj.pairs, rows[self.rows], self.context, obj.specials)
         span = obj.window_length(self.context)
         starts = torch.randint(len(obj.tokens) - span + 1, (self.batch_size,), generator=g)
-        return obj.batch_at(starts, self.context, g)
+        if obj.name == "causal":  # a rank reads only its own windows
+            return obj.batch_at(starts[self.rows], self.context, g)
+        # masking and span corruption draw for the whole batch; a rank keeps its rows of the result
+        return {k: v[self.rows] for k, v in obj.batch_at(starts, self.context, g).items()}
 
 
 def pair_rows(pairs: PairTokens, rows: list[int], context: int, specials: SpecialIds) -> dict[str, Tensor]:

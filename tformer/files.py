@@ -25,6 +25,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    tmp_path.chmod(_umask_mode(0o666))  # mkstemp makes it owner-only (0600); outputs get the usual mode
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -34,6 +35,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask_mode(mode: int) -> int:
+    """`mode` less the process umask: the permissions `open()` or `mkdir()` would have given."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -83,6 +91,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     recover_directory(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.new-", dir=path.parent))
     try:
+        tmp.chmod(_umask_mode(0o777))  # mkdtemp makes it owner-only (0700)
         yield tmp
         old = _old_sibling(path)
         if path.exists():

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import bisect
 import html as html_lib
-import importlib.util
 import json
 import math
 import unicodedata
@@ -43,6 +42,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from tformer.checkpoint import (
+    CONFIG_FILE,
     OPTIMIZER_FILE,
     SHARD_INDEX_FILE,
     TRAINER_STATE_FILE,
@@ -52,7 +52,7 @@ from tformer.checkpoint import (
     load_checkpoint,
 )
 from tformer.config import ModelConfig
-from tformer.errors import TformerError
+from tformer.errors import CheckpointError, TformerError
 from tformer.files import atomic_write, atomic_write_text
 from tformer.model.attention import MultiHeadAttention
 from tformer.model.layers import Embedding, FeedForward
@@ -702,6 +702,20 @@ def heatmap(att: StackAttention, layer: int, head: int | None = None, max_tokens
 
 # == the whole inspection =======================================================================
 
+def checkpoint_path(directory: str | Path | None) -> Path:
+    """The checkpoint to inspect: `directory` itself, the newest checkpoint inside a run directory (one that
+    holds latest/ and best/), or without a directory the newest under checkpoints/."""
+    if directory is None:
+        return find_latest_checkpoint()
+    path = Path(directory)
+    if path.is_dir() and not (path / CONFIG_FILE).exists():
+        try:
+            return find_latest_checkpoint(path)
+        except CheckpointError:
+            pass  # nothing inside either: loading says what is missing
+    return path
+
+
 @dataclass
 class Inspection:
     """A checkpoint's anatomy and, with a prompt, its attention report and the chosen heatmap."""
@@ -731,8 +745,7 @@ def inspect_checkpoint(
         raise TformerError(f"{asked[0]} shows attention on a text, so it needs --prompt TEXT")
     if prompt is not None and not prompt.strip():
         raise TformerError("--prompt is empty; give the text whose attention to inspect")
-    path = Path(directory) if directory is not None else find_latest_checkpoint()
-    ckpt = load_checkpoint(path, device="cpu")
+    ckpt = load_checkpoint(checkpoint_path(directory), device="cpu")
     result = Inspection(ckpt, anatomy(ckpt))
     if prompt is not None:
         stack, shown_layer = check_selection(ckpt.config, stack, layer, head)
@@ -913,8 +926,8 @@ def render_heads(att: StackAttention) -> Table:
     positional = att.name != "cross"
     induction = any(h.induction is not None for h in att.heads)
     num = {"justify": "right", "no_wrap": True, "min_width": 4}
-    for name, kw in (("L", num | {"min_width": 1}), ("H", num | {"min_width": 1}), ("entropy", num), *((("dist", num),) if positional else ()),
-                     ("max", num), ("top key, share", {"no_wrap": True, "max_width": 15}),
+    for name, kw in (("L", num | {"min_width": 1}), ("H", num | {"min_width": 1}), ("entropy", num),
+                     *((("dist", num),) if positional else ()), ("max", num), ("top key, share", {"no_wrap": True, "max_width": 15}),
                      *((("prev", num), ("first", num)) if positional else ()),
                      *((("induct", num),) if induction else ()), ("labels", {"min_width": 15})):
         table.add_column(name, **kw)
@@ -988,16 +1001,17 @@ def render_heatmap(hm: Heatmap) -> Text:
 def render_alignment(report: AttentionReport) -> Group:
     """For each target token, the source tokens it attends to most."""
     how = "decoded greedily" if report.target_from == "greedy" else "given by --target"
-    title = Text.assemble(("cross-attention alignment", "bold"), f": for each target token, the source tokens it "
-                          f"attends to most ({report.alignment_of}); target {how}: {report.target!r}")
+    title = Text.assemble(("cross-attention alignment", "bold"), f" ({report.alignment_of}): for each target token, "
+                          f"the source tokens it attends to most, as position token (weight); target {how}: "
+                          f"{report.target!r}")
     table = Table(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0))
     table.add_column("#", justify="right")
     table.add_column("target token")
     for k in range(ALIGN_TOP_K):
         table.add_column(f"source {k + 1}")
     for row in report.alignment or []:
-        cells = [Text(f"{s['token']} ({s['weight']:.2f})", style=colour(0.25 + 0.75 * s["weight"]))
-                 for s in row["sources"]]
+        cells = [Text(f"{s['position']} {s['token']} ({s['weight']:.2f})",
+                      style=colour(0.25 + 0.75 * s["weight"])) for s in row["sources"]]
         table.add_row(str(row["position"]), row["target"], *cells)
     return Group(title, table)
 
@@ -1069,9 +1083,11 @@ def to_json(ins: Inspection) -> dict[str, Any]:
 
 def require_matplotlib() -> None:
     """Raise a one-line error when matplotlib (the optional `plot` extra) is not installed."""
-    if importlib.util.find_spec("matplotlib") is None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
         raise TformerError("--png needs matplotlib, which is not installed: pip install 'tformer[plot]' "
-                           "(or pip install matplotlib)")
+                           "(or pip install matplotlib)") from None
 
 
 def write_png(ins: Inspection, path: str | Path) -> None:
@@ -1097,7 +1113,8 @@ def write_png(ins: Inspection, path: str | Path) -> None:
     ncols = math.ceil(math.sqrt(len(panels)))
     nrows = math.ceil(len(panels) / ncols)
     size = 4.2 if len(panels) > 1 else 8.0
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False,
+                             layout="constrained")  # titles and tick labels do not overlap the next row
     vmax = max(float(m.max()) for _, m in panels) or 1.0
     ticks = len(hm.rows) <= 40 and len(hm.cols) <= 40
     for ax, (title, m) in zip(axes.flat, panels):
@@ -1189,7 +1206,7 @@ _PAGE = """<!DOCTYPE html>
   .panel h2 { font-size: 1rem; margin: 0 0 .5rem; }
   .hint { color: #666; font-size: .9em; }
   .tokens { display: flex; flex-wrap: wrap; gap: 3px; margin: .35rem 0; align-items: center; }
-  .tokens .side { font-weight: 600; width: 5.5rem; color: #555; }
+  .tokens .side { font-weight: 600; width: 7.5rem; color: #555; }
   .tok { font-family: ui-monospace, "DejaVu Sans Mono", monospace; padding: 1px 4px; border: 1px solid #ccc;
          border-radius: 3px; cursor: default; white-space: pre; background: #fff; }
   .tok.focus { outline: 2px solid #e4572e; }
@@ -1284,7 +1301,7 @@ function drawTokens() {
   const s = DATA.stacks[state.stack], box = $("tokens");
   box.innerHTML = "";
   const same = state.stack !== "cross";
-  const rows = same ? [["tokens", s.queries, "q"]] : [["target", s.queries, "q"], ["source", s.keys, "k"]];
+  const rows = same ? [["tokens", s.queries, "q"]] : [["decoder input", s.queries, "q"], ["source", s.keys, "k"]];
   for (const [name, labels, side] of rows) {
     const line = el("div", { class: "tokens" });
     line.appendChild(el("span", { class: "side" }, name));
@@ -1409,7 +1426,7 @@ function drawAlignment() {
     const row = el("tr");
     row.appendChild(el("td", {}, String(a.position)));
     row.appendChild(el("td", { class: "l" }, a.target));
-    row.appendChild(el("td", { class: "l" }, a.sources.map((s) => s.token + " " + s.weight.toFixed(2)).join("   ")));
+    row.appendChild(el("td", { class: "l" }, a.sources.map((s) => s.position + " " + s.token + " (" + s.weight.toFixed(2) + ")").join("   ")));
     table.appendChild(row);
   });
 }

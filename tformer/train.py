@@ -8,6 +8,7 @@ directory is built aside and swapped in, so an interrupted save leaves the previ
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from tformer.config import ModelConfig, TrainConfig
 from tformer.data import IGNORE_INDEX, Batches, Objective, eval_batches, steps_per_epoch
 from tformer.tokenize import PairTokens, SpecialIds
 from tformer.device import Precision, flops_per_token, peak_flops, resolve_device, resolve_precision
+from tformer import distributed
 from tformer.errors import CheckpointError, TformerError
 from tformer.files import atomic_directory, atomic_write_text, recover_directory
 from tformer.model import build_model
@@ -152,11 +154,76 @@ def evaluate(
         total_correct += int(((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum())
         total_tokens += n
     model.train(was_training)
+    # distributed: each rank evaluated its share of the batches; add up the totals (no-op in one process)
+    total_loss, total_correct, total_tokens = distributed.sum_over_ranks(total_loss, total_correct, total_tokens)
     if total_tokens == 0:
         return {}
     loss = total_loss / total_tokens
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_acc": total_correct / total_tokens,
             "val_tokens": total_tokens}
+
+
+BLEU_SAMPLE = 100  # validation pairs translated at each evaluation of an encoder-decoder trained on pairs
+
+
+def have_sacrebleu() -> bool:
+    """BLEU needs sacrebleu, an optional extra (`pip install 'tformer[bleu]'`)."""
+    return importlib.util.find_spec("sacrebleu") is not None
+
+
+def corpus_bleu(hypotheses: list[str], references: list[str]) -> float:
+    """Corpus BLEU (0 to 100) of one reference per hypothesis, with sacrebleu's standard settings
+    (13a tokenization, exact match), as papers report it."""
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(hypotheses, [references]).score)
+
+
+def translate_sample(model: nn.Module, data: TrainData, n: int, context: int) -> tuple[list[str], list[str]]:
+    """Greedy translations of the first `n` validation pairs, decoded with the KV cache exactly as
+    `tformer generate --temperature 0` would, and their reference targets (as text)."""
+    from tformer.generate import GenerateConfig, generate
+    from tformer.tokenize import load_tokenizer
+
+    tokenizer = load_tokenizer(data.tokenizer_path)
+
+    def text(ids: np.ndarray) -> str:
+        return tokenizer.decode([int(i) for i in ids if i != data.specials.eos], skip_special_tokens=False)
+
+    sources, references = [], []
+    for i in range(min(n, len(data.val_pairs))):
+        src, tgt = data.val_pairs[i]
+        source = text(src[:context])
+        if source:  # an empty source has nothing to translate
+            sources.append(source)
+            references.append(text(tgt))
+    if not sources:
+        return [], []
+    plain = unwrap_model(model)
+    was_training = plain.training
+    plain.eval()
+    try:
+        result = generate(plain, tokenizer, sources, GenerateConfig(max_new_tokens=context, temperature=0.0),
+                          specials=data.specials)
+    finally:
+        plain.train(was_training)
+    return [c.text for c in result.completions], references
+
+
+@contextmanager
+def deterministic_kernels(enabled: bool) -> Iterator[None]:
+    """torch.use_deterministic_algorithms while training, then as before. torch.compile's CPU kernels
+    otherwise add up embedding gradients with atomics, in an order that changes from run to run, and a
+    resumed --compile run would drift from an uninterrupted one in the last bits."""
+    if not enabled:
+        yield
+        return
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 # -- stopping on request -----------------------------------------------------------------------
@@ -289,6 +356,19 @@ def check_out_dir(out: Path, resume: bool, force: bool) -> None:
         )
 
 
+def check_data(data: TrainData, cfg: TrainConfig) -> None:
+    """Each split of flat text must hold at least one training window."""
+    if data.objective == "pairs":
+        return
+    needed = cfg.context + 1
+    for split, tokens in (("training", data.train_tokens), ("validation", data.val_tokens)):
+        if len(tokens) < needed:
+            raise TformerError(
+                f"the {split} split has {len(tokens)} tokens, fewer than one context window "
+                f"({needed}); use a smaller --context or more text"
+            )
+
+
 def train(
     model_cfg: ModelConfig,
     cfg: TrainConfig,
@@ -308,40 +388,43 @@ def train(
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.dtype, device)
     total_steps = total_steps_for(cfg, data)
-    if data.objective != "pairs":
-        needed = cfg.context + 1
-        for split, tokens in (("training", data.train_tokens), ("validation", data.val_tokens)):
-            if len(tokens) < needed:
-                raise TformerError(
-                    f"the {split} split has {len(tokens)} tokens, fewer than one context window "
-                    f"({needed}); use a smaller --context or more text"
-                )
+    check_data(data, cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg)
     if init_from is not None:
         model.load_state_dict(unwrap_model(init_from).state_dict())
     model.to(device)
+    # distributed: --fsdp shards the model in place, before the optimizer sees its parameters
+    model = distributed.shard(model, cfg.fsdp, precision, device)
+    distributed.check_batch_size(cfg.batch_size)
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_scaler)
-    batches = Batches(data.split("train", cfg), cfg.context, cfg.batch_size, cfg.seed)
+    batches = Batches(data.split("train", cfg), cfg.context, cfg.batch_size, cfg.seed,
+                      rank=distributed.rank(), world_size=distributed.world_size())  # distributed: this rank's rows
     state = LoopState()
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / METRICS_FILE
     if resume is not None:
         state = _restore(resume, model, optimizer, scaler, batches, arch)
-        _truncate_metrics(metrics_path, state.step)
-    else:
+        if distributed.is_main():  # distributed: rank 0 alone owns metrics.jsonl
+            _truncate_metrics(metrics_path, state.step)
+    elif distributed.is_main():
         metrics_path.unlink(missing_ok=True)
     compiled = torch.compile(model) if cfg.compile else model
+    compiled = distributed.wrap(compiled, device)  # distributed: DDP on more than one rank (unless sharded)
 
     config_doc = {"train": cfg.to_dict(), "data": data.source, **(extra_config or {})}
 
     def save(name: str) -> Path:
         target = out / name
+        # distributed: every rank joins (a sharded model is gathered), rank 0 alone writes
+        snapshot = distributed.snapshot_for_saving(model, optimizer, model_cfg)
+        if snapshot is None:
+            return target
         with atomic_directory(target) as tmp:
-            save_checkpoint(tmp, model, model_cfg, extra=config_doc)
+            save_checkpoint(tmp, snapshot[0], model_cfg, extra=config_doc)
             shutil.copyfile(data.tokenizer_path, tmp / TOKENIZER_FILE)
-            save_file(optimizer_tensors(optimizer, model), str(tmp / OPTIMIZER_FILE))
+            save_file(snapshot[1], str(tmp / OPTIMIZER_FILE))
             info = state.to_json(batches, scaler, {"arch": arch, "total_steps": total_steps})
             (tmp / TRAINER_STATE_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
             if metrics_path.exists():
@@ -349,13 +432,31 @@ def train(
         emit("save", {"path": str(target), "step": state.step})
         return target
 
+    bleu = data.objective == "pairs" and have_sacrebleu()
+    if data.objective == "pairs" and not bleu:
+        emit("notice", {"message": "BLEU is skipped: it needs sacrebleu (pip install 'tformer[bleu]')"})
+    if bleu and distributed.is_sharded(model):  # distributed: decoding needs the whole model in one process
+        bleu = False
+        emit("notice", {"message": "BLEU is skipped under --fsdp: greedy decoding needs the whole model"})
+
     def run_eval() -> dict[str, float]:
         val = eval_batches(data.split("val", cfg), cfg.context, cfg.batch_size, cfg.eval_batches, cfg.seed + 1)
-        return evaluate(compiled, arch, val, device, precision)
+        val = distributed.my_share(val)  # distributed: batch i on rank i % world_size
+        metrics = evaluate(compiled, arch, val, device, precision)
+        if bleu and metrics:
+            hypotheses, references = translate_sample(model, data, BLEU_SAMPLE, cfg.context)
+            if hypotheses:
+                metrics["val_bleu"] = corpus_bleu(hypotheses, references)
+        return metrics
 
-    emit("start", {"total_steps": total_steps, "step": state.step, "device": str(device), "dtype": precision.name,
+    emit("start", {"total_steps": total_steps, "step": state.step, "dtype": precision.name,
+                   "device": str(device) + distributed.describe(model),  # distributed: e.g. " x 8 ranks (DDP)"
                    "parameters": unwrap_model(model).num_parameters(), "out": str(out)})
     peak = peak_flops(device)
+    world = distributed.world_size()  # distributed: tokens/s and MFU count all ranks
+    pin = device.type == "cuda"
+    if peak is not None:
+        peak *= world
     layers = model_cfg.n_decoder_layers + (model_cfg.n_encoder_layers if model_cfg.has_encoder else 0)
     token_flops = flops_per_token(unwrap_model(model).num_parameters(), layers, model_cfg.d_model, cfg.context)
     compiled.train()
@@ -364,21 +465,26 @@ def train(
     started = time.perf_counter() - state.elapsed
     window_start, window_tokens = time.perf_counter(), 0
     stopped = "done"
-    with open(metrics_path, "a", encoding="utf-8") as metrics:
+    with open(metrics_path if distributed.is_main() else os.devnull, "a", encoding="utf-8") as metrics, \
+            deterministic_kernels(cfg.compile and device.type == "cpu"):
         while state.step < total_steps:
             lr = learning_rate(state.step, cfg, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_loss = torch.zeros((), device=device)
             step_tokens = 0
-            for _ in range(cfg.grad_accum):
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-                with precision.autocast(device):
-                    logits = forward_logits(compiled, arch, batch)
-                loss = loss_fn(logits, batch["labels"], smoothing) / cfg.grad_accum
-                scaler.scale(loss).backward()
+            for micro in range(cfg.grad_accum):
+                host_batch = next(batches)
+                step_tokens += _seq_tokens(host_batch) * world  # counted on the CPU copy: no GPU sync
+                # pinned memory makes the copy truly asynchronous (from pageable memory it blocks the host)
+                batch = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in host_batch.items()}
+                # distributed: gradients are reduced across ranks in the last micro-batch's backward only
+                with distributed.micro_step(compiled, last=micro == cfg.grad_accum - 1):
+                    with precision.autocast(device):
+                        logits = forward_logits(compiled, arch, batch)
+                    loss = loss_fn(logits, batch["labels"], smoothing) / cfg.grad_accum
+                    scaler.scale(loss).backward()
                 step_loss += loss.detach()
-                step_tokens += _seq_tokens(batch)
             # checked on the device and read only when logging: no host sync in the step
             nonfinite |= ~torch.isfinite(step_loss)
             if cfg.clip > 0:
@@ -393,17 +499,17 @@ def train(
             window_tokens += step_tokens
             last = state.step == total_steps
             out_of_time = cfg.time_budget is not None and time.perf_counter() - started >= cfg.time_budget
-            halt = stop.requested is not None or out_of_time
+            halt = distributed.any_rank(stop.requested is not None or out_of_time)  # distributed: stop together
             eval_now = state.step % cfg.eval_every == 0 or last or halt
 
             if state.step % cfg.log_every == 0 or eval_now:
-                if bool(nonfinite):
+                if distributed.any_true(nonfinite):
                     raise TformerError(
                         f"the loss became NaN or infinite by step {state.step}; training stopped and the last "
                         f"good checkpoint in '{out}' is kept (try a lower --lr or --clip)"
                     )
                 now = time.perf_counter()
-                state.train_loss = step_loss.item()
+                state.train_loss = distributed.mean(step_loss).item()  # distributed: the global batch's loss
                 state.elapsed = now - started
                 line = {"step": state.step, "loss": state.train_loss, "lr": lr, "tokens": state.tokens_seen,
                         "tokens_per_s": window_tokens / max(now - window_start, 1e-9), "time": state.elapsed}
@@ -420,7 +526,7 @@ def train(
                 emit("log", line)
                 window_start, window_tokens = time.perf_counter(), 0
             if state.step % cfg.save_every == 0 or last or halt:
-                if bool(nonfinite):  # never save weights a NaN has reached
+                if distributed.any_true(nonfinite):  # never save weights a NaN has reached
                     raise TformerError(f"the loss became NaN or infinite by step {state.step}; the last good "
                                        f"checkpoint in '{out}' is kept (try a lower --lr)")
                 state.elapsed = time.perf_counter() - started
@@ -429,7 +535,7 @@ def train(
                 stopped = "interrupted" if stop.requested else "time budget"
                 break
     return TrainResult(out, state.step, total_steps, state.tokens_seen, time.perf_counter() - started,
-                       state.train_loss, state.val, state.best_val_loss, stopped, model)
+                       state.train_loss, state.val, state.best_val_loss, stopped, distributed.local_model(model))
 
 
 def _restore(
@@ -448,10 +554,11 @@ def _restore(
     if info.get("arch") != arch:
         raise TformerError(f"cannot resume '{directory}': it trained arch={info.get('arch')!r}, "
                            f"this run is arch={arch!r}")
-    from tformer.checkpoint import load_state, read_safetensors
+    from tformer.checkpoint import read_safetensors
 
-    load_state(unwrap_model(model), read_safetensors(directory), str(directory))
-    load_optimizer_tensors(optimizer, model, optim)
+    # distributed: these also load into a model sharded with --fsdp
+    distributed.load_model_state(model, read_safetensors(directory), str(directory))
+    distributed.load_optimizer_state(optimizer, model, optim)
     if info.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(info["scaler"])
     torch.set_rng_state(_unb64(info["rng"]["torch"]))
@@ -617,6 +724,11 @@ def _cache_key(paths: list[Path], kind: str | None, vocab_size: int | None, toke
     return {"files": files, "kind": kind, "vocab_size": vocab_size, "tokenizer": tok}
 
 
+def _is_token_dir(corpus: list[Path] | None) -> bool:
+    """Whether CORPUS is a directory written by `tformer tokenize` (rather than raw text)."""
+    return bool(corpus) and len(corpus) == 1 and (Path(corpus[0]) / "meta.json").is_file()
+
+
 def prepare_tokens(
     corpus: list[Path] | None, cache_dir: Path, kind: str | None, vocab_size: int | None,
     tokenizer: Path | None, on_tokenize: Callable | None = None,
@@ -626,7 +738,7 @@ def prepare_tokens(
     from tformer.corpus import default_corpus
     from tformer.tokenize import tokenize_corpus
 
-    if corpus and len(corpus) == 1 and (Path(corpus[0]) / "meta.json").is_file():
+    if _is_token_dir(corpus):
         if kind or vocab_size or tokenizer:
             raise TformerError(f"'{corpus[0]}' is already tokenized; --kind, --vocab-size and --tokenizer "
                                f"apply only to raw text")
@@ -670,7 +782,6 @@ def plan_run(
 ) -> RunPlan:
     """Resolve what `tformer train` was given into a RunPlan, checking everything before any file is written."""
     from tformer.checkpoint import load_checkpoint, read_config
-    from tformer.tokenize import open_tokens
 
     flags = {k: v for k, v in options.items() if v is not None}
     options = {**(read_toml(Path(config_file)) if config_file else {}), **flags}
@@ -696,6 +807,7 @@ def plan_run(
             raise TformerError(f"cannot resume '{ckpt_dir}' as arch={arch!r}: it is a {base_model.arch!r} model")
         base_train = TrainConfig.from_dict(extra["train"])
         ckpt_tokenizer = ckpt_dir / TOKENIZER_FILE
+        kind = vocab_size = None  # the run's tokenizer is fixed: these only said how to build one
         data_dir = (extra.get("data") or {}).get("directory")
         if not corpus and data_dir:
             corpus = [Path(data_dir)]
@@ -709,13 +821,43 @@ def plan_run(
         if tokenizer is not None or kind is not None or vocab_size is not None:
             raise TformerError("--init-from trains with the checkpoint's own tokenizer; drop --tokenizer, "
                                "--kind and --vocab-size")
-        tokenizer = ckpt_tokenizer
+    if ckpt_tokenizer is not None and tokenizer is None and not _is_token_dir(corpus):
+        tokenizer = ckpt_tokenizer  # raw text is encoded with the checkpoint's own tokenizer
     if base_model is not None:
         options["arch"] = base_model.arch  # equal to --arch when given (checked above)
     model_cfg, train_cfg = resolve_configs(options, base_model, base_train)
 
+    resolve_precision(train_cfg.dtype, resolve_device(train_cfg.device))  # an unavailable device fails here
     if out is None:
         out = Path("checkpoints") / f"{_corpus_name(corpus)}-{model_cfg.arch}"
+    with _removed_on_error(out):
+        return _plan_data(corpus, out, model_cfg, train_cfg, force=force, kind=kind, vocab_size=vocab_size,
+                          tokenizer=tokenizer, on_tokenize=on_tokenize, base_model=base_model,
+                          ckpt_dir=ckpt_dir, ckpt_tokenizer=ckpt_tokenizer, init_from=init_from,
+                          init_model=init_model)
+
+
+@contextmanager
+def _removed_on_error(directory: Path) -> Iterator[None]:
+    """A run rejected while it is being planned leaves no trace: `directory` goes again if it is new."""
+    existed = directory.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def _plan_data(
+    corpus: list[Path] | None, out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, *, force: bool,
+    kind: str | None, vocab_size: int | None, tokenizer: Path | None, on_tokenize: Callable | None,
+    base_model: ModelConfig | None, ckpt_dir: Path | None, ckpt_tokenizer: Path | None,
+    init_from: Path | None, init_model: nn.Module | None,
+) -> RunPlan:
+    """The second half of `plan_run`: --out, the tokens, and the checks that need them."""
+    from tformer.tokenize import open_tokens
+
     if ckpt_dir is None:
         check_out_dir(out, resume=False, force=force)
     token_dir = prepare_tokens(corpus, out / TOKENS_SUBDIR, kind, vocab_size, tokenizer, on_tokenize)
@@ -752,6 +894,7 @@ def plan_run(
                          train_tokens=tokens.tokens("train"), val_tokens=tokens.tokens("val"))
     data.source = {"directory": str(token_dir), "kind": tokens.meta.get("kind"),
                    "tokens": tokens.meta.get("tokens"), "sources": tokens.meta.get("sources")}
+    check_data(data, train_cfg)
     if ckpt_dir is not None:
         check_out_dir(out, resume=True, force=False)
     extra = {"init_from": str(init_from)} if init_from is not None else {}

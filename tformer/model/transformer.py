@@ -270,8 +270,10 @@ class DecoderLM(_IncrementalDecoding):
         positions: Tensor | None = None,
         input_pos: Tensor | None = None,
         need_weights: bool = False,
+        last_only: bool = False,
     ) -> ModelOutput:
-        """idx: (B, T) token ids.
+        """idx: (B, T) token ids. With last_only, logits (B, 1, vocab_size) of the last position only
+        (generation needs no others, and the output projection is the largest matrix product).
 
         Without a cache, the whole sequence is processed (training, or recomputing everything).
         With a cache (setup_cache), `input_pos` (T,) names the slots these tokens take: a prefill
@@ -284,7 +286,7 @@ class DecoderLM(_IncrementalDecoding):
         x = self.embed(idx, positions)  # (B, T, d_model)
         h, attn = self.decoder(x, positions, key_padding_mask, input_pos, need_weights=need_weights)
         attentions = None if attn is None else {"decoder": attn["self"]}
-        return ModelOutput(self.output_logits(h), h, attentions)
+        return ModelOutput(self.output_logits(h[:, -1:] if last_only else h), h, attentions)
 
     def setup_cache(
         self, batch_size: int, max_len: int | None = None,
@@ -373,9 +375,11 @@ class Seq2Seq(_IncrementalDecoding):
         positions: Tensor | None = None,
         input_pos: Tensor | None = None,
         need_weights: bool = False,
+        last_only: bool = False,
     ) -> ModelOutput:
         """tgt: (B, T) target ids (shifted right). memory may be None once setup_cache has stored
-        the cross-attention keys/values; memory_padding_mask: (B, S), True for real source tokens."""
+        the cross-attention keys/values; memory_padding_mask: (B, S), True for real source tokens.
+        last_only: logits of the last position only, as in DecoderLM.forward."""
         B, T = tgt.shape
         _check_length(T, self.cfg)
         positions = _positions(T, input_pos, positions, tgt.device)
@@ -384,7 +388,7 @@ class Seq2Seq(_IncrementalDecoding):
             x, positions, tgt_padding_mask, input_pos, memory, memory_padding_mask, need_weights=need_weights
         )
         attentions = None if attn is None else {"decoder": attn["self"], "cross": attn["cross"]}
-        return ModelOutput(self.output_logits(h), h, attentions)
+        return ModelOutput(self.output_logits(h[:, -1:] if last_only else h), h, attentions)
 
     def forward(
         self,
