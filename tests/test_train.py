@@ -447,6 +447,15 @@ def test_corpus_shorter_than_one_context_window(tmp_path):
     corpus.write_text("only a few words here.\n" * 3)
     result = runner.invoke(app, ["train", str(corpus), "--out", str(tmp_path / "run"), *TINY])
     assert "fewer than one context window" in one_line_error(result)
+    assert not (tmp_path / "run").exists()  # the tokens cached for the rejected run are gone too
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_a_device_that_is_not_there_fails_before_anything_is_written(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    result = runner.invoke(app, ["train", str(corpus), "--out", str(tmp_path / "run"), "--device", "cuda", *TINY])
+    assert "no CUDA GPU" in one_line_error(result)
+    assert not (tmp_path / "run").exists()
 
 
 def test_tsv_for_a_decoder(tmp_path):
