@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from tformer.checkpoint import find_latest_checkpoint, is_checkpoint_dir, load_checkpoint, unwrap_model
+from tformer.checkpoint import eval_mode, find_latest_checkpoint, is_checkpoint_dir, load_checkpoint, unwrap_model
 from tformer.config import ModelConfig
 from tformer.errors import ConfigError, TformerError
 from tformer.model import CrossKV, DecoderLM, EncoderModel, KVCache, Seq2Seq
@@ -1058,10 +1058,6 @@ def sample_continuation(
     """A short sample from a decoder being trained (used at the end of `tformer train`).
     The model is put back in the mode it was in."""
     plain = unwrap_model(model)
-    was_training = plain.training
-    plain.eval()
-    try:
-        cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    with eval_mode(plain):
         return generate(plain, tokenizer, [prompt], cfg).completions[0].text
-    finally:
-        plain.train(was_training)

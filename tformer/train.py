@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from tformer.checkpoint import (
-    CONFIG_FILE, OPTIMIZER_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE, save_checkpoint, unwrap_model,
+    CONFIG_FILE, OPTIMIZER_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE, eval_mode, save_checkpoint, unwrap_model,
 )
 from tformer.config import ModelConfig, TrainConfig
 from tformer.data import IGNORE_INDEX, Batches, Objective, eval_batches, steps_per_epoch
@@ -139,21 +139,19 @@ def evaluate(
     model: nn.Module, arch: str, batches: Iterator[dict[str, Tensor]], device: torch.device, precision: Precision
 ) -> dict[str, float]:
     """Validation loss (no label smoothing), perplexity and token accuracy, weighted by labelled tokens."""
-    was_training = model.training
-    model.eval()
     total_loss, total_correct, total_tokens = 0.0, 0, 0
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with precision.autocast(device):
-            logits = forward_logits(model, arch, batch)
-        labels = batch["labels"]
-        n = int((labels != IGNORE_INDEX).sum())
-        if n == 0:
-            continue
-        total_loss += loss_fn(logits, labels).item() * n
-        total_correct += int(((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum())
-        total_tokens += n
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with precision.autocast(device):
+                logits = forward_logits(model, arch, batch)
+            labels = batch["labels"]
+            n = int((labels != IGNORE_INDEX).sum())
+            if n == 0:
+                continue
+            total_loss += loss_fn(logits, labels).item() * n
+            total_correct += int(((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum())
+            total_tokens += n
     # distributed: each rank evaluated its share of the batches; add up the totals (no-op in one process)
     total_loss, total_correct, total_tokens = distributed.sum_over_ranks(total_loss, total_correct, total_tokens)
     if total_tokens == 0:
@@ -200,13 +198,9 @@ def translate_sample(model: nn.Module, data: TrainData, n: int, context: int) ->
     if not sources:
         return [], []
     plain = unwrap_model(model)
-    was_training = plain.training
-    plain.eval()
-    try:
+    with eval_mode(plain):
         result = generate(plain, tokenizer, sources, GenerateConfig(max_new_tokens=context, temperature=0.0),
                           specials=data.specials)
-    finally:
-        plain.train(was_training)
     return [c.text for c in result.completions], references
 
 
