@@ -6,7 +6,7 @@ import typer
 from typer.testing import CliRunner
 
 from tformer import __version__
-from tformer.cli import app, user_errors
+from tformer.cli import app, run, user_errors
 from tformer.errors import CheckpointError
 
 runner = CliRunner()
@@ -45,3 +45,29 @@ def test_user_errors_become_one_line_and_exit_1():
     assert "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines == ["error: checkpoint directory 'x' does not exist [see --help]"]
+
+
+def test_usage_errors_of_the_command_are_one_line_with_exit_2():
+    """Click's own errors (unknown option or command, a value of the wrong type) come out like ours,
+    from the `tformer` entry point and from `python -m tformer`."""
+    cases = [(["generate", "--max-new-tokens", "abc"], "Invalid value for '--max-new-tokens'"),
+             (["generate", "--no-such-option"], "No such option: --no-such-option"),
+             (["no-such-command"], "No such command 'no-such-command'")]
+    for args, message in cases:
+        out = subprocess.run([sys.executable, "-m", "tformer", *args], capture_output=True, text=True)
+        assert out.returncode == 2 and out.stdout == "", args
+        assert out.stderr.startswith("error: ") and message in out.stderr and out.stderr.count("\n") == 1, out.stderr
+        assert "--help" in out.stderr
+
+
+def test_entry_point_exit_codes(capsys):
+    for args, code in (([], 0), (["--version"], 0), (["generate", "--help"], 0),
+                       (["generate", "--prompt", "x", "--checkpoint", "no/such/dir"], 1)):
+        try:
+            run(args)
+        except SystemExit as e:
+            assert e.code == code, args
+        else:
+            raise AssertionError("run() always exits")
+    err = capsys.readouterr().err
+    assert err.strip() == "error: checkpoint directory 'no/such/dir' does not exist"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,9 +26,13 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def print_error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print one line to stderr and exit non-zero."""
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    print_error(message)
     raise typer.Exit(code)
 
 
@@ -472,3 +477,23 @@ def inspect_command(
     for name, path in (("page", html), ("image", png)):
         if path is not None:
             err_console.print(f"wrote {name} {escape(str(path))}", highlight=False)
+
+
+def run(args: list[str] | None = None) -> NoReturn:
+    """The `tformer` command: the Typer app, with its own usage errors (an unknown option, a value of the
+    wrong type) on one line like every other error, instead of click's framed message."""
+    args = sys.argv[1:] if args is None else list(args)
+    try:
+        code = app(args=args or ["--help"], prog_name="tformer", standalone_mode=False)
+    except typer.Abort:
+        print_error("aborted")
+        raise SystemExit(1) from None
+    except Exception as e:
+        # Click's usage errors (vendored by recent Typer versions, so matched by what they carry).
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+            raise  # anything else is a bug, and its traceback is wanted
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        print_error(e.format_message() + hint)
+        raise SystemExit(e.exit_code) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from tformer.checkpoint import eval_mode, find_latest_checkpoint, is_checkpoint_dir, load_checkpoint, unwrap_model
 from tformer.config import ModelConfig
+from tformer.cpu_decoding import cpu_decoding_layout
 from tformer.errors import ConfigError, TformerError
 from tformer.model import CrossKV, DecoderLM, EncoderModel, KVCache, Seq2Seq
 from tformer.tokenize import SpecialIds, load_tokenizer, special_ids
@@ -1035,22 +1036,6 @@ def load(checkpoint: str | Path | None = None, device: str = "auto", dtype: str 
 
 
 @torch.no_grad()
-def cpu_decoding_layout(model: nn.Module) -> nn.Module:
-    """Store each weight matrix that multiplies activations (linear layers, and the token embedding,
-    which the output projection reuses when tied) transposed in memory: the same shapes and values,
-    with strides (1, out) instead of (in, 1). On the CPU, MKL multiplies one row (a decode step at
-    batch 1) by a matrix stored this way markedly faster: about 1.3x for a GPT-2 124M decode step, most
-    of it in the output projection (benchmarks/RESULTS.md). GPT-2's own Conv1D layers keep this layout.
-    Larger batches run at about the same speed either way. Returns the model, changed in place."""
-    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-    if getattr(model, "lm_head", True) is None:  # tied: the token embedding is the output projection
-        weights.append(model.embed.tok.weight)
-    for w in weights:
-        if w.is_contiguous():
-            w.data = w.data.t().contiguous().t()
-    return model
-
-
 def sample_continuation(
     model: nn.Module, tokenizer: Tokenizer, max_new_tokens: int = 100, prompt: str = "\n",
     temperature: float = 0.8, top_k: int = 50, seed: int = 1337,
