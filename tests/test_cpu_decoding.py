@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import tformer.cpu_decoding
 from tformer.cpu_decoding import MAX_SPLIT_ROWS, SplitLinear, cpu_decoding_layout, split_linear
 from tformer.generate import decode_step, prefill
 from tformer.model import build_model
@@ -17,6 +18,12 @@ from conftest import tiny_config
 
 def transposed(w: torch.Tensor) -> torch.Tensor:
     return w.t().contiguous().t()
+
+
+@pytest.fixture
+def split_small_matrices(monkeypatch):
+    """Split even the tiny test models' matrices (the layout leaves small ones alone)."""
+    monkeypatch.setattr(tformer.cpu_decoding, "MIN_SPLIT_SIZE", 0)
 
 
 @pytest.mark.parametrize("rows", [1, 3, MAX_SPLIT_ROWS, MAX_SPLIT_ROWS + 1])
@@ -59,7 +66,7 @@ def test_split_linear_is_one_opaque_op_under_torch_compile():
 
 @pytest.mark.parametrize("overrides", [dict(), dict(tie_embeddings=False, bias=False), dict(arch="encoder-decoder")],
                          ids=["tied", "untied-nobias", "seq2seq"])
-def test_layout_keeps_state_and_logits(overrides):
+def test_layout_keeps_state_and_logits(overrides, split_small_matrices):
     plain = build_model(tiny_config(**overrides)).eval()
     fast = cpu_decoding_layout(copy.deepcopy(plain), threads=2)
     assert all(isinstance(m, SplitLinear) and m.slices == 2 for m in fast.modules() if isinstance(m, torch.nn.Linear))
@@ -81,14 +88,23 @@ def test_layout_keeps_state_and_logits(overrides):
         assert not twin.output_logits(torch.randn(1, 1, twin.cfg.d_model)).any()
 
 
-def test_layout_with_one_thread_only_transposes():
+def test_layout_with_one_thread_only_transposes(split_small_matrices):
     model = cpu_decoding_layout(build_model(tiny_config()), threads=1)
     assert not any(isinstance(m, SplitLinear) for m in model.modules())
     assert "output_logits" not in vars(model)
     assert model.decoder.layers[0].ffn.w1.weight.stride() == (1, 64)
 
 
-def test_cached_decode_steps_match_the_plain_model():
+def test_only_matrices_of_min_split_size_are_split():
+    cfg = tiny_config(d_model=512, n_heads=4, d_ff=512, vocab_size=500, n_decoder_layers=1)  # 512 x 512 = 2**18
+    model = cpu_decoding_layout(build_model(cfg), threads=4)
+    split = {name: m.slices for name, m in model.named_modules() if isinstance(m, SplitLinear)}
+    assert split == {"decoder.layers.0.self_attn.qkv_proj": 4, "decoder.layers.0.self_attn.out_proj": 4,
+                     "decoder.layers.0.ffn.w1": 4, "decoder.layers.0.ffn.w2": 4}
+    assert "output_logits" not in vars(model)  # 500 x 512 < 2**18: the tied projection stays whole
+
+
+def test_cached_decode_steps_match_the_plain_model(split_small_matrices):
     """Prefill and decode steps at batch 1 and 3 (the split path) give the plain model's logits."""
     plain = build_model(tiny_config(d_model=48, n_heads=4, d_ff=96)).eval()
     fast = cpu_decoding_layout(copy.deepcopy(plain), threads=3)  # 3 slices of 16

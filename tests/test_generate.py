@@ -10,8 +10,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from typer.testing import CliRunner
 
+import tformer.cpu_decoding
 from tformer.checkpoint import save_checkpoint
 from tformer.cli import app
+from tformer.cpu_decoding import SplitLinear, cpu_decoding_layout
 from tformer.errors import ConfigError, TformerError
 from tformer.generate import (
     GenerateConfig, _Row, beam_search, fill_mask, generate, load, process_logits, read_prompts, sample_continuation,
@@ -103,9 +105,14 @@ def hf_greedy(hf_dir, tok, prompts, n):
 
 # -- decoder parity -------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("split", [False, True], ids=["", "split"])
 @pytest.mark.parametrize("prompts", [PROMPTS[1:2], PROMPTS], ids=["batch1", "batch4"])
-def test_greedy_equals_transformers_token_for_token(gpt2_dir, prompts):
+def test_greedy_equals_transformers_token_for_token(gpt2_dir, prompts, split, monkeypatch):
     loaded = load(gpt2_dir, device="cpu")
+    if split:  # products split over 2 threads, as on the CPU for larger models (cpu_decoding.py)
+        monkeypatch.setattr(tformer.cpu_decoding, "MIN_SPLIT_SIZE", 0)
+        cpu_decoding_layout(loaded.model, threads=2)
+        assert any(isinstance(m, SplitLinear) for m in loaded.model.modules())
     ours = generate(loaded.model, loaded.tokenizer, prompts, GREEDY)
     ref = hf_greedy(gpt2_dir, loaded.tokenizer, prompts, 50)
     assert [c.token_ids for c in ours.completions] == ref

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 MAX_SPLIT_ROWS = 32  # above this many rows (prefill, large batches) MKL's own threading is the faster one
+MIN_SPLIT_SIZE = 1 << 18  # weights with fewer elements stay in cache, and the split's overhead outweighs it
 
 
 def split_linear(x: Tensor, weight: Tensor, bias: Tensor | None, slices: int) -> Tensor:
@@ -67,9 +68,11 @@ class SplitLinear(nn.Linear):
         return split_linear(x, self.weight, self.bias, self.slices)
 
 
-def _slices_for(d_in: int, threads: int) -> int:
-    """The most slices, at most one per thread, that divide the input dimension evenly."""
-    return max(s for s in range(1, threads + 1) if d_in % s == 0)
+def _slices_for(weight: Tensor, threads: int) -> int:
+    """The most slices, at most one per thread, that divide the input dimension evenly (1: no split)."""
+    if weight.numel() < MIN_SPLIT_SIZE:
+        return 1
+    return max(s for s in range(1, threads + 1) if weight.size(1) % s == 0)
 
 
 def cpu_decoding_layout(model: nn.Module, threads: int | None = None) -> nn.Module:
@@ -78,7 +81,8 @@ def cpu_decoding_layout(model: nn.Module, threads: int | None = None) -> nn.Modu
     Every weight matrix that multiplies activations (the linear layers, and the token embedding when
     the output projection reuses it) is stored transposed, strides (1, out) instead of (in, 1). With
     more than one thread (default: torch.get_num_threads()), the linear layers and the tied output
-    projection also split their products with a few rows over the threads. Returns the model.
+    projection also split their products with a few rows over the threads, where the matrix has at
+    least MIN_SPLIT_SIZE elements (smaller ones are quicker unsplit). Returns the model.
     """
     threads = torch.get_num_threads() if threads is None else threads
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -87,13 +91,12 @@ def cpu_decoding_layout(model: nn.Module, threads: int | None = None) -> nn.Modu
     for w in weights:
         if w.is_contiguous():
             w.data = w.data.t().contiguous().t()
-    if threads < 2:
-        return model
     for m in linears:
-        m.__class__ = SplitLinear  # a subclass with no new state: parameters, hooks and names stay
-        m.slices = _slices_for(m.in_features, threads)
-    if tied:
-        model.output_slices = _slices_for(model.cfg.d_model, threads)
+        if (slices := _slices_for(m.weight, threads)) > 1:
+            m.__class__ = SplitLinear  # a subclass with no new state: parameters, hooks and names stay
+            m.slices = slices
+    if tied and (slices := _slices_for(model.embed.tok.weight, threads)) > 1:
+        model.output_slices = slices
         model.output_logits = types.MethodType(_tied_output_logits, model)  # shadows the class's method
     return model
 
