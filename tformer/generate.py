@@ -1035,7 +1035,6 @@ def load(checkpoint: str | Path | None = None, device: str = "auto", dtype: str 
     return Loaded(ckpt.model, ckpt.config, tokenizer, special_ids(tokenizer), path, torch_device, precision.dtype)
 
 
-@torch.no_grad()
 def sample_continuation(
     model: nn.Module, tokenizer: Tokenizer, max_new_tokens: int = 100, prompt: str = "\n",
     temperature: float = 0.8, top_k: int = 50, seed: int = 1337,
