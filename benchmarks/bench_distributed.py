@@ -39,10 +39,12 @@ CPU = dict(vocab=256, layers=4, heads=4, d_model=128, context=128)
 
 def worker(args: argparse.Namespace) -> dict:
     """One training run through tformer.train.train; returns its median tokens/s (and memory on GPUs)."""
-    from tformer import distributed
-    from tformer.config import ModelConfig, TrainConfig
-    from tformer.tokenize import SpecialIds
-    from tformer.train import TrainData, train
+    from tformer.config import ModelConfig
+    from tformer.data.tokenizer import SpecialIds
+    from tformer.training import distributed
+    from tformer.training.config import TrainConfig
+    from tformer.training.loop import train
+    from tformer.training.objectives import TrainData
 
     shape = GPT2 if args.shape == "gpt2" else CPU
     cfg = ModelConfig(arch="decoder", vocab_size=shape["vocab"], d_model=shape["d_model"], n_heads=shape["heads"],
@@ -80,7 +82,7 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def _parameters(cfg) -> int:
-    from tformer.model import build_model
+    from tformer.model.transformer import build_model
 
     with torch.device("meta"):
         return build_model(cfg).num_parameters()

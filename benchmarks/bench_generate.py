@@ -28,9 +28,10 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from tformer.checkpoint import gpt2_config_from_hf, gpt2_state_from_hf, load_state
-from tformer.cpu_decoding import cpu_decoding_layout
-from tformer.generate import GenerateConfig, generate
-from tformer.model import build_model
+from tformer.generation.config import GenerateConfig
+from tformer.generation.cpu_decoding import cpu_decoding_layout
+from tformer.generation.generate import generate
+from tformer.model.transformer import build_model
 
 transformers.logging.set_verbosity_error()
 

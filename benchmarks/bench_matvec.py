@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from tformer.cpu_decoding import split_linear
+from tformer.generation.cpu_decoding import split_linear
 
 D, V, LAYERS = 768, 50257, 12
 SHAPES = [(D, 3 * D), (D, D), (D, 4 * D), (4 * D, D)]  # (in, out): qkv, attention out, fc, proj

@@ -39,7 +39,7 @@ def repeat_to(src: Path, dst: Path, min_bytes: int) -> int:
 
 
 def tformer_encode(corpus: Path, tokenizer: Path, out: Path) -> int:
-    from tformer.tokenize import tokenize_corpus
+    from tformer.data.prepare import tokenize_corpus
 
     return tokenize_corpus([corpus], out, tokenizer=tokenizer, force=True).total_tokens
 
@@ -48,7 +48,8 @@ def reference_encode(corpus: Path, tokenizer: Path, fast: bool) -> int:
     """tokenizers alone: load, read the whole file, cut into tformer-sized pieces at newlines, encode_batch."""
     from tokenizers import Tokenizer
 
-    from tformer.tokenize import BATCH_BYTES, PIECE_BYTES
+    from tformer.data.corpus import PIECE_BYTES
+    from tformer.data.prepare import BATCH_BYTES
 
     tok = Tokenizer.from_file(str(tokenizer))
     tok.encode_special_tokens = True  # same work as tformer: special-token text is plain text
@@ -87,7 +88,7 @@ def cli_seconds(corpus: Path, tokenizer: Path, out: Path) -> float:
 # fork+exec, so a child would report at least the RSS of this (large) parent.
 _RSS_CHILD = """
 import sys
-from tformer.tokenize import tokenize_corpus
+from tformer.data.prepare import tokenize_corpus
 corpus, out, tokenizer, vocab = sys.argv[1:5]
 if tokenizer == "+":
     tokenize_corpus([corpus], out, kind="bpe", vocab_size=int(vocab), force=True)
@@ -115,7 +116,7 @@ def main() -> None:
     if not args.text.is_file():
         sys.exit(f"text file {args.text} not found; pass one")
 
-    from tformer.tokenize import tokenize_corpus
+    from tformer.data.prepare import tokenize_corpus
 
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.machine()}")
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -22,7 +22,7 @@ def make_models(args):
     import transformers
 
     from tformer.config import ModelConfig
-    from tformer.model import DecoderLM
+    from tformer.model.transformer import DecoderLM
 
     cfg = ModelConfig(arch="decoder", vocab_size=args.vocab, d_model=args.d_model, n_heads=args.heads,
                       n_decoder_layers=args.layers, n_encoder_layers=0, d_ff=4 * args.d_model, dropout=0.0,

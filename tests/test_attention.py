@@ -2,12 +2,15 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 
-from tformer.model import build_model
-from tformer.model.attention import MultiHeadAttention, attention_mask, scaled_dot_product_attention
-
-from conftest import tiny_config
+from tformer.model.attention import (
+    MultiHeadAttention,
+    attention_mask,
+    scaled_dot_product_attention,
+)
+from tformer.model.transformer import build_model
 
 
 def naive_attention(q, k, v, mask=None):

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-
-from tformer.model import DecoderLM, Seq2Seq
-
 from conftest import tiny_config
+
+from tformer.model.transformer import DecoderLM, Seq2Seq
 
 ATOL = 1e-5
 VARIANTS = [
@@ -113,7 +112,7 @@ def test_seq2seq_cached_decoding_equals_full_forward(variant):
     tgt = torch.randint(1, cfg.vocab_size, (B, T))
 
     memory, _ = model.encode(src, src_real)
-    model.setup_cache(memory, max_len=T)
+    model.setup_cache(B, max_len=T, memory=memory)
     cached = torch.cat([
         model.decode(tgt[:, s:e], memory_padding_mask=src_real, input_pos=torch.arange(s, e)).logits
         for s, e in CHUNKS
@@ -131,7 +130,7 @@ def test_seq2seq_cross_kv_is_computed_once_and_rows_reorder():
     src, tgt = torch.randint(0, 61, (2, 7)), torch.randint(0, 61, (2, 6))
     full = model(src, tgt).logits
     memory, _ = model.encode(src)
-    model.setup_cache(memory, max_len=6)
+    model.setup_cache(2, max_len=6, memory=memory)
     cross = model.decoder.layers[0].cross_attn.cache
     k_before = cross.k.clone()
     calls = []
@@ -143,3 +142,33 @@ def test_seq2seq_cross_kv_is_computed_once_and_rows_reorder():
     assert calls == []  # K/V of the source were never projected again
     assert torch.equal(cross.k, k_before[[1, 0]])
     assert (step - full[[1, 0], 3:6]).abs().max() <= ATOL
+
+
+def test_both_decoding_models_share_one_interface():
+    """DecoderLM and Seq2Seq decode through the same calls: setup_cache, next_token_logits, select_cache_rows,
+    clear_cache; the cached logits equal the recomputed ones (the recompute path takes the memory again)."""
+    torch.manual_seed(0)
+    for arch in ("decoder", "encoder-decoder"):
+        cfg = tiny_config(arch=arch)
+        model = (DecoderLM if arch == "decoder" else Seq2Seq)(cfg).eval()
+        B, T = 2, 6
+        idx = torch.randint(1, cfg.vocab_size, (B, T))
+        source = {}
+        if arch == "encoder-decoder":
+            src = torch.randint(1, cfg.vocab_size, (B, 5))
+            mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+            source = {"memory": model.encode(src, mask)[0], "memory_padding_mask": mask}
+        real = torch.ones(B, T, dtype=torch.bool)
+        positions = torch.arange(T).expand(B, T)
+        model.setup_cache(B, max_len=T, **({} if not source else {"memory": source["memory"],
+                                                                  "memory_padding_mask": source["memory_padding_mask"]}))
+        first = model.next_token_logits(idx[:, :4], real, positions[:, :4], torch.arange(4))
+        model.select_cache_rows(torch.tensor([1, 0]))
+        step = model.next_token_logits(idx[[1, 0], 4:5], real[[1, 0]], positions[:, 4:5], torch.tensor([4]))
+        model.clear_cache()
+        again = model.next_token_logits(idx[:, :4], real[:, :4], positions[:, :4], **source)
+        swapped = {k: v[[1, 0]] for k, v in source.items()}
+        recomputed = model.next_token_logits(idx[[1, 0], :5], real[[1, 0], :5], positions[:, :5], **swapped)
+        assert first.shape == (B, cfg.vocab_size)
+        assert (first - again).abs().max() <= ATOL
+        assert (step - recomputed).abs().max() <= ATOL

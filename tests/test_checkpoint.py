@@ -2,12 +2,17 @@ import json
 
 import pytest
 import torch
-
-from tformer.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint, read_config, save_checkpoint
-from tformer.errors import CheckpointError, TformerError
-from tformer.model import build_model
-
 from conftest import tiny_config
+
+from tformer.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    load_checkpoint,
+    read_config,
+    save_checkpoint,
+)
+from tformer.errors import CheckpointError, TformerError
+from tformer.model.transformer import build_model
 
 ARCHS = ["decoder", "encoder", "encoder-decoder"]
 

@@ -6,7 +6,8 @@ import typer
 from typer.testing import CliRunner
 
 from tformer import __version__
-from tformer.cli import app, run, user_errors
+from tformer.cli import app
+from tformer.cli.app import run, user_errors
 from tformer.errors import CheckpointError
 
 runner = CliRunner()

@@ -24,7 +24,7 @@ def test_paper_presets_follow_table_3():
 
 
 def test_gpt2_preset_has_124m_parameters():
-    from tformer.model import build_model
+    from tformer.model.transformer import build_model
 
     model = build_model(ModelConfig.from_preset("gpt2"))
     assert 124_000_000 < model.num_parameters() < 124_700_000  # 124,439,808 with tied embeddings

@@ -7,13 +7,17 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
-import tformer.cpu_decoding
-from tformer.cpu_decoding import MAX_SPLIT_ROWS, SplitLinear, cpu_decoding_layout, split_linear
-from tformer.generate import decode_step, prefill
-from tformer.model import build_model
-
 from conftest import tiny_config
+
+import tformer.generation.cpu_decoding
+from tformer.generation.cpu_decoding import (
+    MAX_SPLIT_ROWS,
+    SplitLinear,
+    cpu_decoding_layout,
+    split_linear,
+)
+from tformer.generation.engine import decode_step, prefill
+from tformer.model.transformer import build_model
 
 
 def transposed(w: torch.Tensor) -> torch.Tensor:
@@ -23,7 +27,7 @@ def transposed(w: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def split_small_matrices(monkeypatch):
     """Split even the tiny test models' matrices (the layout leaves small ones alone)."""
-    monkeypatch.setattr(tformer.cpu_decoding, "MIN_SPLIT_SIZE", 0)
+    monkeypatch.setattr(tformer.generation.cpu_decoding, "MIN_SPLIT_SIZE", 0)
 
 
 @pytest.mark.parametrize("rows", [1, 3, MAX_SPLIT_ROWS, MAX_SPLIT_ROWS + 1])

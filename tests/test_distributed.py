@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -41,7 +40,7 @@ TINY = ["--d-model", "32", "--layers", "1", "--heads", "2", "--d-ff", "64", "--c
 WORKER = """
 import hashlib, os, signal, sys
 from pathlib import Path
-import tformer.train as core
+import tformer.training.loop as core
 
 real_train = core.train
 
@@ -105,8 +104,9 @@ def assert_close(a: dict[int, float], b: dict[int, float], tol: float) -> None:
 @pytest.mark.parametrize("objective", ["causal", "masked", "span", "pairs"])
 def test_ranks_split_the_global_batch_of_one_process(objective):
     """The rows of ranks 0..3 of a global batch, stacked, are the batch one process draws."""
-    from tformer.data import Batches, Objective
-    from tformer.tokenize import PairTokens, SpecialIds
+    from tformer.data.batches import Batches, Objective
+    from tformer.data.tokenizer import SpecialIds
+    from tformer.data.tokens import PairTokens
 
     rng = np.random.default_rng(0)
     specials = SpecialIds(pad=0, bos=1, eos=2, unk=3, mask=4)
@@ -132,7 +132,7 @@ def test_ranks_split_the_global_batch_of_one_process(objective):
 
 
 def test_evaluation_batches_are_dealt_round_robin_with_the_same_count_per_rank(monkeypatch):
-    from tformer import distributed
+    from tformer.training import distributed
 
     batches = [{"idx": torch.full((2, 3), i), "labels": torch.full((2, 3), i)} for i in range(7)]
     shares = []

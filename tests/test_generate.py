@@ -7,22 +7,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from typer.testing import CliRunner
 
-import tformer.cpu_decoding
+import tformer.generation.cpu_decoding
 from tformer.checkpoint import save_checkpoint
 from tformer.cli import app
-from tformer.cpu_decoding import SplitLinear, cpu_decoding_layout
+from tformer.data.tokenizer import byte_alphabet
 from tformer.errors import ConfigError, TformerError
-from tformer.generate import (
-    GenerateConfig, _Row, beam_search, fill_mask, generate, load, process_logits, read_prompts, sample_continuation,
-    sample_logits,
-)
-from tformer.model import build_model
-from tformer.tokenize import byte_alphabet
-
-from conftest import tiny_config
+from tformer.generation.beam import beam_search
+from tformer.generation.config import GenerateConfig
+from tformer.generation.cpu_decoding import SplitLinear, cpu_decoding_layout
+from tformer.generation.fill_mask import fill_mask
+from tformer.generation.generate import generate, sample_continuation
+from tformer.generation.load import load
+from tformer.generation.prompts import read_prompts
+from tformer.generation.sampling import process_logits, sample_logits
+from tformer.generation.stream import Row
+from tformer.model.transformer import build_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -110,7 +113,7 @@ def hf_greedy(hf_dir, tok, prompts, n):
 def test_greedy_equals_transformers_token_for_token(gpt2_dir, prompts, split, monkeypatch):
     loaded = load(gpt2_dir, device="cpu")
     if split:  # products split over 2 threads, as on the CPU for larger models (cpu_decoding.py)
-        monkeypatch.setattr(tformer.cpu_decoding, "MIN_SPLIT_SIZE", 0)
+        monkeypatch.setattr(tformer.generation.cpu_decoding, "MIN_SPLIT_SIZE", 0)
         cpu_decoding_layout(loaded.model, threads=2)
         assert any(isinstance(m, SplitLinear) for m in loaded.model.modules())
     ours = generate(loaded.model, loaded.tokenizer, prompts, GREEDY)
@@ -336,7 +339,7 @@ def test_streaming_never_splits_a_multibyte_character(tokenizer_file):
     tok = Tokenizer.from_file(str(tokenizer_file))
     text = "naïve 你好 🙂👍🏽 done"
     pieces = []
-    row = _Row(0, tok, EOS, (), lambda r, t: pieces.append(t))
+    row = Row(0, tok, EOS, (), lambda r, t: pieces.append(t))
     for i in byte_ids(tok, text):
         row.add(i)
     row.add(EOS)
@@ -349,7 +352,7 @@ def test_streaming_never_splits_a_multibyte_character(tokenizer_file):
 def test_stop_string_is_never_streamed_and_ends_the_row(tokenizer_file):
     tok = Tokenizer.from_file(str(tokenizer_file))
     pieces = []
-    row = _Row(0, tok, EOS, ("STOP", "\n\n"), lambda r, t: pieces.append(t))
+    row = Row(0, tok, EOS, ("STOP", "\n\n"), lambda r, t: pieces.append(t))
     for i in byte_ids(tok, "abc ST and then STOP more"):
         row.add(i)
     assert row.done and row.finish_reason == "stop"
@@ -363,13 +366,13 @@ def test_byte_level_text_equals_the_tokenizers_decode_and_invalid_bytes_do_not_s
     for _ in range(20):  # random byte and merged tokens: many sequences are invalid UTF-8
         ids = torch.randint(5, tok.get_vocab_size(), (30,), generator=g).tolist()
         pieces = []
-        row = _Row(0, tok, EOS, (), lambda r, t: pieces.append(t))
+        row = Row(0, tok, EOS, (), lambda r, t: pieces.append(t))
         for i in ids:
             row.add(i)
         row.finish("length")
         assert row.text == "".join(pieces) == tok.decode(ids, skip_special_tokens=False)
     pieces = []
-    row = _Row(0, tok, EOS, (), lambda r, t: pieces.append(t))
+    row = Row(0, tok, EOS, (), lambda r, t: pieces.append(t))
     for i in byte_ids(tok, "ok") + [tok.token_to_id(byte_alphabet()[0x80])] * 3:
         row.add(i)  # stray continuation bytes: no character can complete them
     assert "".join(pieces) == "ok\ufffd\ufffd\ufffd"  # shown at once, not held to the end
@@ -381,7 +384,7 @@ def test_other_tokenizers_stream_whole_characters_too():
     tok = Tokenizer(models.BPE(vocab, [], byte_fallback=True))
     tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     pieces = []
-    row = _Row(0, tok, 0, (), lambda r, t: pieces.append(t))
+    row = Row(0, tok, 0, (), lambda r, t: pieces.append(t))
     for i in tok.encode("a🙂a你").ids:
         row.add(i)
     row.add(0)
@@ -391,7 +394,7 @@ def test_other_tokenizers_stream_whole_characters_too():
 def test_incomplete_character_at_the_token_limit_shows_as_replacement(tokenizer_file):
     tok = Tokenizer.from_file(str(tokenizer_file))
     pieces = []
-    row = _Row(0, tok, EOS, (), lambda r, t: pieces.append(t))
+    row = Row(0, tok, EOS, (), lambda r, t: pieces.append(t))
     for i in byte_ids(tok, "ok 🙂")[:-2]:
         row.add(i)
     assert "".join(pieces) == "ok "

@@ -5,8 +5,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tformer.checkpoint import load_checkpoint  # noqa: E402
-from tformer.model import DecoderLM  # noqa: E402
+from tformer.checkpoint import load_checkpoint
+from tformer.model.transformer import DecoderLM
 
 
 def make_hf_gpt2(tmp_path, **kwargs):

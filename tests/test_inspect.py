@@ -7,15 +7,36 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_config
 from tokenizers import AddedToken, Tokenizer, decoders, models
 from typer.testing import CliRunner
 
-from tformer import inspect as ti
-from tformer.checkpoint import TRAINER_STATE_FILE, save_checkpoint
+from tformer.checkpoint import TRAINER_STATE_FILE, load_checkpoint, save_checkpoint
 from tformer.cli import app
-from tformer.model import build_model
-
-from conftest import tiny_config
+from tformer.inspection.export import write_html
+from tformer.inspection.render_terminal import MASKED, SHADES, render_heatmap
+from tformer.inspection.report import (
+    ALIGN_TOP_K,
+    HEATMAP_MAX_TOKENS,
+    StackAttention,
+    TokenLabeler,
+    heatmap,
+    inspect_checkpoint,
+    stack_names,
+    visible,
+)
+from tformer.inspection.stats import (
+    INDUCTION_BATCH,
+    INDUCTION_MIN,
+    INDUCTION_SEED,
+    HeadStats,
+    _nan_to_none,
+    head_labels,
+    head_statistics,
+    induction_scores,
+)
+from tformer.model.attention import MultiHeadAttention
+from tformer.model.transformer import build_model
 
 runner = CliRunner()
 ARCHS = ["decoder", "encoder", "encoder-decoder"]
@@ -66,12 +87,12 @@ def one_hot_pattern(T, key_of_row):
 
 
 def stats_of(w, causal=True, positional=True):
-    s = ti.head_statistics(w[None, None], causal, positional)
-    head = ti.HeadStats(0, 0, *(None if k not in s else ti._nan_to_none(float(s[k][0, 0])) for k in (
+    s = head_statistics(w[None, None], causal, positional)
+    head = HeadStats(0, 0, *(None if k not in s else _nan_to_none(float(s[k][0, 0])) for k in (
         "entropy", "distance", "uniform_distance", "max_weight")), int(s["top_key"][0, 0]), "t",
-        float(s["top_share"][0, 0]), *(ti._nan_to_none(float(s[k][0, 0])) if k in s else None
+        float(s["top_share"][0, 0]), *(_nan_to_none(float(s[k][0, 0])) if k in s else None
                                        for k in ("previous", "first", "current")))
-    head.labels = ti.head_labels(head)
+    head.labels = head_labels(head)
     return head
 
 
@@ -154,7 +175,7 @@ def previous_token_model():
 
 def test_model_with_a_previous_token_head_is_labelled(tmp_path):
     make_checkpoint(tmp_path, model=previous_token_model())
-    ins = ti.inspect_checkpoint(tmp_path, prompt="the cat sat on the mat")
+    ins = inspect_checkpoint(tmp_path, prompt="the cat sat on the mat")
     heads = ins.attention.stacks["decoder"].heads
     assert "previous-token" in heads[0].labels and heads[0].previous > 0.99
     assert "previous-token" not in heads[1].labels and "broad" in heads[1].labels
@@ -167,7 +188,7 @@ def test_induction_score_rises_when_trained_on_repeated_sequences():
                       pos_encoding="learned", norm_placement="pre", scale_embeddings=False, init="gpt2")
     model = build_model(cfg)
     n = 12
-    before = ti.induction_scores(model.eval(), length=n)
+    before = induction_scores(model.eval(), length=n)
     assert before.shape == (2, 4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
@@ -180,9 +201,9 @@ def test_induction_score_rises_when_trained_on_repeated_sequences():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    after = ti.induction_scores(model.eval(), length=n)
-    assert before.max() < ti.INDUCTION_MIN
-    assert after.max() >= ti.INDUCTION_MIN and after.max() > before.max() + 0.3
+    after = induction_scores(model.eval(), length=n)
+    assert before.max() < INDUCTION_MIN
+    assert after.max() >= INDUCTION_MIN and after.max() > before.max() + 0.3
 
 
 def test_induction_score_of_a_hand_made_copying_pattern():
@@ -200,7 +221,7 @@ def test_induction_score_of_a_hand_made_copying_pattern():
         def parameters(self):
             return iter([torch.zeros(1)])
 
-    scores = ti.induction_scores(Fake(), length=50)  # capped at max_seq_len // 2
+    scores = induction_scores(Fake(), length=50)  # capped at max_seq_len // 2
     assert scores.shape == (1, 1) and scores.item() == 1.0
 
 
@@ -223,12 +244,12 @@ def recompute_from_q_and_k(attn, x, memory=None):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_inspection_weights_equal_q_and_k_by_hand_and_outputs_match(tmp_path, arch):
     make_checkpoint(tmp_path, arch, n_kv_heads=2, pos_encoding="learned", norm_placement="pre")
-    ins = ti.inspect_checkpoint(tmp_path, prompt="hello there", target="bonjour" if arch == "encoder-decoder" else None)
+    ins = inspect_checkpoint(tmp_path, prompt="hello there", target="bonjour" if arch == "encoder-decoder" else None)
     model, report = ins.checkpoint.model, ins.attention
     inputs: dict[str, list] = {}
     hooks = []
     for name, module in model.named_modules():
-        if isinstance(module, ti.MultiHeadAttention):
+        if isinstance(module, MultiHeadAttention):
             def keep(mod, args, kwargs, name=name):
                 inputs.setdefault(name, []).append((args[0], kwargs.get("memory")))
             hooks.append(module.register_forward_pre_hook(keep, with_kwargs=True))
@@ -298,14 +319,14 @@ def test_json_fields_match_an_independent_recomputation(tmp_path):
     assert att["ids"]["decoder"] == ids
     assert att["stacks"]["decoder"]["queries"] == ["a", "b", "c", "a", "b", "␣", "c", "a", "b"]
     with torch.no_grad():
-        loaded = ti.load_checkpoint(tmp_path).model
+        loaded = load_checkpoint(tmp_path).model
         weights = loaded(torch.tensor([ids]), need_weights=True).attentions["decoder"]
         # The induction probe: 4 random orderings of the non-special ids (seeded), each cut to 32 tokens and
         # fed twice; the score is the mean weight from position 32 + k to position k + 1.
-        g = torch.Generator().manual_seed(ti.INDUCTION_SEED)
+        g = torch.Generator().manual_seed(INDUCTION_SEED)
         allowed = torch.arange(5, cfg.vocab_size)
         n = cfg.max_seq_len // 2
-        probes = [allowed[torch.randperm(len(allowed), generator=g)[:n]] for _ in range(ti.INDUCTION_BATCH)]
+        probes = [allowed[torch.randperm(len(allowed), generator=g)[:n]] for _ in range(INDUCTION_BATCH)]
         probe_weights = [loaded(torch.cat([r, r])[None], need_weights=True).attentions["decoder"] for r in probes]
     T = len(ids)
     for head in att["stacks"]["decoder"]["heads"]:
@@ -343,7 +364,7 @@ def test_json_cross_attention_and_alignment_match_an_independent_recomputation(t
     assert att["ids"] == {"encoder": src, "decoder": [1] + tgt[:-1], "produced": tgt}  # <bos> = 1 shifts it right
     assert att["target"] == target and att["target_from"] == "given" and att["target_tokens"] == list("le␣chat")
     with torch.no_grad():
-        model = ti.load_checkpoint(tmp_path).model
+        model = load_checkpoint(tmp_path).model
         cross = model(torch.tensor([src]), torch.tensor([[1] + tgt[:-1]]), need_weights=True).attentions["cross"]
     cross = torch.stack([w[0] for w in cross])  # (L, H, T, S)
     S = cross.size(-1)
@@ -356,7 +377,7 @@ def test_json_cross_attention_and_alignment_match_an_independent_recomputation(t
     mean = cross.mean(dim=(0, 1))  # the alignment: every layer and head
     for k, row in enumerate(att["alignment"]):
         assert row["target"] == att["target_tokens"][k]
-        best = mean[k].topk(ti.ALIGN_TOP_K)
+        best = mean[k].topk(ALIGN_TOP_K)
         assert [s["position"] for s in row["sources"]] == best.indices.tolist()
         assert [s["weight"] for s in row["sources"]] == pytest.approx(best.values.tolist(), abs=1e-6)
         assert [s["token"] for s in row["sources"]] == [("␣" if source[j] == " " else source[j])
@@ -365,7 +386,7 @@ def test_json_cross_attention_and_alignment_match_an_independent_recomputation(t
 
 def test_untrained_checkpoint_says_so_and_assumes_batch_one(tmp_path):
     make_checkpoint(tmp_path, "encoder")
-    a = ti.inspect_checkpoint(tmp_path).anatomy
+    a = inspect_checkpoint(tmp_path).anatomy
     assert a["training"] is None
     assert (a["memory"]["batch"], a["memory"]["context"]) == (1, 64) and "batch 1" in a["memory"]["assumed"]
     assert a["memory"]["inference"]["kv_cache"] == 0  # an encoder keeps no cache
@@ -376,8 +397,8 @@ def test_untrained_checkpoint_says_so_and_assumes_batch_one(tmp_path):
 # -- tokens --------------------------------------------------------------------------------------------
 
 def test_token_labels_are_readable():
-    assert ti.visible("a b\nc\td") == "a␣b\\nc\\td"
-    assert ti.visible("") == "∅" and ti.visible("\x00") == "\\x00"
+    assert visible("a b\nc\td") == "a␣b\\nc\\td"
+    assert visible("") == "∅" and visible("\x00") == "\\x00"
     from tokenizers import pre_tokenizers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -386,7 +407,7 @@ def test_token_labels_are_readable():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    label = ti.TokenLabeler(tok)
+    label = TokenLabeler(tok)
     assert label(vocab["Ġthe"]) == "␣the"
     assert label(vocab["Ċ"]) == "\\n"
     assert label(vocab["â"]) == "\\xe2"  # the first byte of a UTF-8 character, alone
@@ -397,12 +418,12 @@ def test_token_labels_are_readable():
 def test_long_input_is_cut_to_a_named_window(tmp_path):
     make_checkpoint(tmp_path, max_seq_len=128)
     prompt = ("abc " * 30)[:100]
-    ins = ti.inspect_checkpoint(tmp_path, prompt=prompt, layer=0, head=1)
+    ins = inspect_checkpoint(tmp_path, prompt=prompt, layer=0, head=1)
     hm = ins.heatmap
-    assert hm.matrix.shape == (ti.HEATMAP_MAX_TOKENS, ti.HEATMAP_MAX_TOKENS)
+    assert hm.matrix.shape == (HEATMAP_MAX_TOKENS, HEATMAP_MAX_TOKENS)
     assert hm.window == "showing queries 0-63 of 100 and keys 0-63 of 100: the first 64 tokens"
     assert torch.equal(hm.matrix, ins.attention.stacks["decoder"].weights[0, 1, :64, :64])
-    text = ti.render_heatmap(hm).plain
+    text = render_heatmap(hm).plain
     assert hm.window in text and text.count("\n") > 64
     result = runner.invoke(app, ["inspect", "--checkpoint", str(tmp_path), "--prompt", prompt])
     assert result.exit_code == 0 and "showing queries 0-63 of 100" in result.output
@@ -410,10 +431,10 @@ def test_long_input_is_cut_to_a_named_window(tmp_path):
 
 def test_heatmap_rows_show_tokens_shades_and_mask():
     w = one_hot_pattern(3, lambda i: max(i - 1, 0))
-    att = ti.StackAttention("decoder", w[None, None], ["x", "␣y", "z"], ["x", "␣y", "z"], True, [], [])
-    lines = ti.render_heatmap(ti.heatmap(att, 0, 0)).plain.splitlines()
+    att = StackAttention("decoder", w[None, None], ["x", "␣y", "z"], ["x", "␣y", "z"], True, [], [])
+    lines = render_heatmap(heatmap(att, 0, 0)).plain.splitlines()
     rows = [line for line in lines if line[:1].isdigit()]
-    full, empty, masked = ti.SHADES[-1] * 2, ti.SHADES[0] * 2, ti.MASKED + " "
+    full, empty, masked = SHADES[-1] * 2, SHADES[0] * 2, MASKED + " "
     # two characters per cell while the input is short; labels "index token", then the cells
     assert rows == ["0 x  " + full + masked + masked,
                     "1 ␣y " + full + empty + masked,
@@ -430,7 +451,7 @@ def test_inspect_runs_on_every_architecture(tmp_path, arch):
     assert "parameters" in plain.output and "tokenizer" in plain.output and "entropy" not in plain.output
     shown = runner.invoke(app, ["inspect", "--checkpoint", str(tmp_path), "--prompt", "a cat sat"])
     assert shown.exit_code == 0, shown.output
-    stacks = ti.stack_names(tiny_config(arch=arch))
+    stacks = stack_names(tiny_config(arch=arch))
     for stack in stacks:
         assert f"{stack} attention: 2 layers" in shown.output
     assert ("cross-attention alignment" in shown.output) == (arch == "encoder-decoder")
@@ -442,15 +463,15 @@ def test_inspect_runs_on_every_architecture(tmp_path, arch):
 
 def test_encoder_decoder_alignment_with_a_given_target(tmp_path):
     make_checkpoint(tmp_path, "encoder-decoder")
-    ins = ti.inspect_checkpoint(tmp_path, prompt="the cat", target="le chat", layer=1, head=2)
+    ins = inspect_checkpoint(tmp_path, prompt="the cat", target="le chat", layer=1, head=2)
     report = ins.attention
     assert report.target_from == "given" and report.target == "le chat"
     assert report.ids["decoder"][0] == 1 and len(report.alignment) == len("le chat")  # <bos>, then the target
     cross = report.stacks["cross"].weights[1, 2]  # (T, S): the chosen layer and head
     for row in report.alignment:
-        best = cross[row["position"]].topk(ti.ALIGN_TOP_K)
+        best = cross[row["position"]].topk(ALIGN_TOP_K)
         assert [s["position"] for s in row["sources"]] == best.indices.tolist()
-    greedy = ti.inspect_checkpoint(tmp_path, prompt="the cat").attention
+    greedy = inspect_checkpoint(tmp_path, prompt="the cat").attention
     assert greedy.target_from == "greedy" and len(greedy.alignment) >= 1
 
 
@@ -565,8 +586,8 @@ def test_html_page_in_headless_chromium(tmp_path):
 
     make_checkpoint(tmp_path, "encoder-decoder")
     out = tmp_path / "page.html"
-    ins = ti.inspect_checkpoint(tmp_path, prompt="the cat sat", target="le chat")
-    ti.write_html(ins, out)
+    ins = inspect_checkpoint(tmp_path, prompt="the cat sat", target="le chat")
+    write_html(ins, out)
     errors, requests = [], []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
@@ -608,4 +629,6 @@ def test_html_page_in_headless_chromium(tmp_path):
 def test_module_name_does_not_shadow_the_standard_library():
     import inspect
 
-    assert inspect is not ti and hasattr(inspect, "signature") and ti.__name__ == "tformer.inspect"
+    import tformer.inspection
+
+    assert hasattr(inspect, "signature") and tformer.inspection.__name__ == "tformer.inspection"

@@ -2,10 +2,14 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-from tformer.model.layers import FeedForward, RotaryEmbedding, apply_rotary, sinusoidal_table
-
 from conftest import tiny_config
+
+from tformer.model.layers import (
+    FeedForward,
+    RotaryEmbedding,
+    apply_rotary,
+    sinusoidal_table,
+)
 
 
 def test_sinusoidal_encoding_equals_the_papers_formula():
@@ -52,7 +56,7 @@ def test_swiglu_feed_forward():
 
 
 def test_gpt2_init_scales_residual_projections_and_paper_init_is_xavier():
-    from tformer.model import build_model
+    from tformer.model.transformer import build_model
 
     cfg = tiny_config(d_model=256, n_heads=4, d_ff=1024, n_decoder_layers=8, init="gpt2", vocab_size=500)
     model = build_model(cfg)

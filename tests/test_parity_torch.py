@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 
-from tformer.model import Seq2Seq
-
-from conftest import tiny_config
+from tformer.model.transformer import Seq2Seq
 
 
 def copy_weights_into_reference(model: Seq2Seq, ref: nn.Transformer) -> None:

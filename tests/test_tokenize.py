@@ -10,13 +10,20 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from typer.testing import CliRunner
 
-import tformer.tokenize as tokmod
+import tformer.data.corpus as tokmod
+import tformer.data.prepare as prepmod
 from tformer.cli import app
-from tformer.corpus import default_corpus, default_corpus_text
-from tformer.errors import TformerError
-from tformer.tokenize import (
-    SPECIAL_TOKENS, SpecialIds, decode, load_tokenizer, open_tokens, special_ids, token_dtype, tokenize_corpus,
+from tformer.data.corpus import default_corpus, default_corpus_text
+from tformer.data.prepare import tokenize_corpus
+from tformer.data.tokenizer import (
+    SPECIAL_TOKENS,
+    SpecialIds,
+    decode,
+    load_tokenizer,
+    special_ids,
 )
+from tformer.data.tokens import open_tokens, token_dtype
+from tformer.errors import TformerError
 
 runner = CliRunner()
 
@@ -70,7 +77,7 @@ def leftovers(directory) -> list[str]:
 def test_round_trip_is_byte_exact(tmp_path, monkeypatch, kind, piece_bytes):
     # Tiny pieces force cuts inside long lines, between multi-byte characters and at the split.
     monkeypatch.setattr(tokmod, "PIECE_BYTES", piece_bytes)
-    monkeypatch.setattr(tokmod, "BATCH_BYTES", 4 * piece_bytes)
+    monkeypatch.setattr(prepmod, "BATCH_BYTES", 4 * piece_bytes)
     paths = write_corpus(tmp_path)
     result = tokenize_corpus(paths, tmp_path / "out", kind=kind, vocab_size=400 if kind == "bpe" else None)
     assert decoded_corpus(tmp_path / "out") == b"".join(p.read_bytes() for p in paths)
@@ -207,7 +214,7 @@ def test_special_ids_of_our_tokenizers_and_others(tmp_path):
 
 @pytest.mark.parametrize("batch_bytes", [60, 1 << 20])
 def test_pairs_from_tsv(tmp_path, monkeypatch, batch_bytes):
-    monkeypatch.setattr(tokmod, "BATCH_BYTES", batch_bytes)  # small: offsets must carry across batches
+    monkeypatch.setattr(prepmod, "BATCH_BYTES", batch_bytes)  # small: offsets must carry across batches
     pairs = [("Hello world", "Bonjour le monde"), ("Straße is", ""), ("日本語", "にほんご 😀"),
              ("e\u0301", "é")] * 5
     lines = [f"{s}\t{t}\r\n" if i % 2 else f"{s}\t{t}\n" for i, (s, t) in enumerate(pairs)]
@@ -295,7 +302,7 @@ def test_force_keeps_old_output_when_the_new_run_fails(tmp_path, monkeypatch):
     # Fails halfway through encoding, after the new files were started.
     bad = tmp_path / "late-bad.txt"
     bad.write_bytes(b"fine line\n" * 50_000 + b"\xc3(\n")
-    monkeypatch.setattr(tokmod, "BATCH_BYTES", 4096)
+    monkeypatch.setattr(prepmod, "BATCH_BYTES", 4096)
     line = one_line_error(runner.invoke(app, ["tokenize", str(bad), "--tokenizer", str(out / "tokenizer.json"),
                                               "--out", str(out), "--force"]))
     assert "byte 500000" in line
@@ -359,7 +366,7 @@ def test_cli_with_no_corpus_uses_the_default_and_prints_the_table(tmp_path, monk
 
 
 def test_progress_reports_bytes_up_to_the_total(tmp_path, monkeypatch):
-    monkeypatch.setattr(tokmod, "BATCH_BYTES", 1024)
+    monkeypatch.setattr(prepmod, "BATCH_BYTES", 1024)
     paths = write_corpus(tmp_path)
     total = sum(p.stat().st_size for p in paths)
     calls = []

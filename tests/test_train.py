@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import signal
 import subprocess
@@ -13,17 +12,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from tformer.checkpoint import load_checkpoint
 from tformer.cli import app
-from tformer.config import TrainConfig
-from tformer.data import IGNORE_INDEX, mask_tokens, span_corrupt
-from tformer.tokenize import SpecialIds
-from tformer.train import learning_rate, make_optimizer
+from tformer.data.batches import IGNORE_INDEX, mask_tokens, span_corrupt
+from tformer.data.tokenizer import SpecialIds
+from tformer.training.config import TrainConfig
+from tformer.training.optim import learning_rate, make_optimizer
 
 runner = CliRunner()
 TINY = ["--d-model", "32", "--layers", "1", "--heads", "2", "--d-ff", "64", "--context", "32",
@@ -92,7 +90,7 @@ def test_constant_schedule():
 
 def test_weight_decay_skips_norms_biases_and_embeddings():
     from tformer.config import ModelConfig
-    from tformer.model import build_model
+    from tformer.model.transformer import build_model
 
     model = build_model(ModelConfig.from_preset("tiny", vocab_size=100, pos_encoding="learned"))
     opt = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
@@ -185,7 +183,7 @@ def test_encoder_decoder_trains_on_tsv_pairs(tmp_path):
     assert "BLEU" in result.output
     # ... equal to sacrebleu's BLEU of what `tformer generate --temperature 0` writes for the validation
     # sources, against the targets as written in the .tsv file
-    from tformer.tokenize import open_tokens
+    from tformer.data.tokens import open_tokens
 
     n_val = len(open_tokens(out / "data").pairs("val"))
     rows = [line.split("\t") for line in pairs.read_text().splitlines()[-n_val:]]
@@ -203,7 +201,8 @@ def test_encoder_decoder_trains_on_tsv_pairs(tmp_path):
 
 def test_resume_continues_bit_for_bit(tmp_path):
     """A run stopped at step k and resumed logs the same losses as one that was never stopped."""
-    from tformer.train import StopFlag, plan_run, train
+    from tformer.training.loop import StopFlag, train
+    from tformer.training.plan import plan_run
 
     corpus = write_corpus(tmp_path / "corpus.txt")
     options = dict(d_model=32, layers=1, heads=2, d_ff=64, context=32, batch_size=4, steps=30, log_every=3,
@@ -237,7 +236,7 @@ def test_compiled_cpu_runs_use_deterministic_kernels_and_restore_the_setting():
     PyTorch's deterministic mode makes them fall back to the ordered kernel, which a bit-for-bit resume of a
     --compile run needs (checked by hand: a 30-step compiled run stopped at step 13 and resumed logs the same
     losses as an uninterrupted one; compiling makes that too slow for this suite)."""
-    from tformer.train import deterministic_kernels
+    from tformer.training.loop import deterministic_kernels
 
     assert not torch.are_deterministic_algorithms_enabled()
     with deterministic_kernels(True):
@@ -296,7 +295,7 @@ def test_kill_9_leaves_the_previous_checkpoint_loadable(tmp_path):
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import tformer.train as core
+    import tformer.training.loop as core
 
     corpus = write_corpus(tmp_path / "corpus.txt")
     out = tmp_path / "run"
@@ -359,7 +358,7 @@ def test_progress_bar_on_a_terminal(tmp_path, monkeypatch):
 
     from rich.console import Console
 
-    import tformer.cli as cli
+    import tformer.cli.train as cli
 
     screen = io.StringIO()
     monkeypatch.setattr(cli, "console", Console(file=screen, force_terminal=True, width=160))
@@ -374,7 +373,7 @@ def test_progress_bar_on_a_terminal(tmp_path, monkeypatch):
 
 
 def test_bleu_is_skipped_with_one_notice_without_sacrebleu(tmp_path, monkeypatch):
-    import tformer.train as core
+    import tformer.training.loop as core
 
     monkeypatch.setattr(core, "have_sacrebleu", lambda: False)
     pairs = write_pairs(tmp_path / "pairs.tsv")
@@ -389,7 +388,7 @@ def test_bleu_is_skipped_with_one_notice_without_sacrebleu(tmp_path, monkeypatch
 
 def test_corpus_bleu_is_papineni_et_al():
     pytest.importorskip("sacrebleu")
-    from tformer.train import corpus_bleu
+    from tformer.training.evaluate import corpus_bleu
 
     references = ["the cat sat on a mat", "a dog runs in the big park"]
     assert corpus_bleu(references, references) == pytest.approx(100.0)

@@ -7,7 +7,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-from tformer.config import PRESETS, ModelConfig  # noqa: E402
-from tformer.errors import TformerError  # noqa: E402
+from tformer.config import PRESETS, ModelConfig
+from tformer.errors import TformerError
 
 __all__ = ["__version__", "ModelConfig", "PRESETS", "TformerError"]

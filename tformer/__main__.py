@@ -1,6 +1,6 @@
 """`python -m tformer` is the same as the `tformer` command (torchrun can launch it)."""
 
-from tformer.cli import run
+from tformer.cli.app import run
 
 if __name__ == "__main__":
     run()

@@ -24,7 +24,7 @@ from tformer import __version__
 from tformer.config import ModelConfig
 from tformer.errors import CheckpointError, ConfigError
 from tformer.files import atomic_write, atomic_write_json
-from tformer.model import build_model
+from tformer.model.transformer import build_model
 
 WEIGHTS_FILE = "model.safetensors"
 SHARD_INDEX_FILE = "model.safetensors.index.json"

@@ -1,8 +1,17 @@
 """The Transformer models and their parts."""
 
-from tformer.model.attention import MultiHeadAttention, attention_mask, scaled_dot_product_attention
+from tformer.model.attention import (
+    MultiHeadAttention,
+    attention_mask,
+    scaled_dot_product_attention,
+)
 from tformer.model.cache import CrossKV, KVCache
-from tformer.model.layers import Embedding, FeedForward, RotaryEmbedding, sinusoidal_table
+from tformer.model.layers import (
+    Embedding,
+    FeedForward,
+    RotaryEmbedding,
+    sinusoidal_table,
+)
 from tformer.model.transformer import (
     MODELS,
     Block,

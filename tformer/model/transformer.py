@@ -237,9 +237,31 @@ class _LMBase(nn.Module):
 
 
 class _IncrementalDecoding(_LMBase):
-    """Cache handling shared by the two models with a causal decoder stack (`self.decoder`)."""
+    """The decoding interface shared by the two models with a causal decoder stack (`self.decoder`).
+
+    Generation never asks which model it holds: it calls `setup_cache` (with the encoder output as
+    `memory` for the encoder-decoder), then `next_token_logits` for the prefill and each decode step,
+    `select_cache_rows` for beam search, and `clear_cache`. Without a cache, `next_token_logits`
+    recomputes the whole window (given `memory` again for the encoder-decoder).
+    """
 
     decoder: TransformerStack
+
+    def setup_cache(
+        self, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None, memory: Tensor | None = None,
+        memory_padding_mask: Tensor | None = None,
+    ) -> None:
+        """Allocate static KV caches of `max_len` slots (default max_seq_len) for `batch_size` rows; for the
+        encoder-decoder also store the cross-attention keys/values of `memory` (B, S, d_model), computed once,
+        and its padding mask (B, S), True for real source tokens."""
+        p = self.embed.tok.weight
+        self.decoder.setup_cache(batch_size, max_len or self.cfg.max_seq_len, dtype or p.dtype, device or p.device)
+        self._set_source(memory, memory_padding_mask)
+
+    def _set_source(self, memory: Tensor | None, memory_padding_mask: Tensor | None) -> None:
+        if memory is not None:
+            raise ValueError(f"{type(self).__name__} has no encoder: it takes no memory")
 
     def clear_cache(self) -> None:
         """Drop the caches; the next forward pass processes whole sequences again."""
@@ -248,6 +270,14 @@ class _IncrementalDecoding(_LMBase):
     def select_cache_rows(self, index: Tensor) -> None:
         """Reorder or drop batch rows of every cache (beam search), e.g. index = tensor([2, 0, 0])."""
         self.decoder.select_cache_rows(index)
+
+    def next_token_logits(
+        self, idx: Tensor, key_padding_mask: Tensor | None = None, positions: Tensor | None = None,
+        input_pos: Tensor | None = None, memory: Tensor | None = None, memory_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Logits (B, vocab_size) of the token after idx (B, T): with a cache, idx takes slots `input_pos`;
+        without one, idx is the whole window (and `memory` the encoder output, for the encoder-decoder)."""
+        raise NotImplementedError
 
 
 class DecoderLM(_IncrementalDecoding):
@@ -288,13 +318,13 @@ class DecoderLM(_IncrementalDecoding):
         attentions = None if attn is None else {"decoder": attn["self"]}
         return ModelOutput(self.output_logits(h[:, -1:] if last_only else h), h, attentions)
 
-    def setup_cache(
-        self, batch_size: int, max_len: int | None = None,
-        dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-    ) -> None:
-        """Allocate static KV caches of `max_len` slots (default max_seq_len) for incremental decoding."""
-        p = self.embed.tok.weight
-        self.decoder.setup_cache(batch_size, max_len or self.cfg.max_seq_len, dtype or p.dtype, device or p.device)
+    def next_token_logits(
+        self, idx: Tensor, key_padding_mask: Tensor | None = None, positions: Tensor | None = None,
+        input_pos: Tensor | None = None, memory: Tensor | None = None, memory_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        if memory is not None:
+            raise ValueError("DecoderLM has no encoder: it takes no memory")
+        return self(idx, key_padding_mask, positions, input_pos, last_only=True).logits[:, -1]
 
 
 class MLMHead(nn.Module):
@@ -352,6 +382,7 @@ class Seq2Seq(_IncrementalDecoding):
         self.encoder = TransformerStack(cfg, cfg.n_encoder_layers, causal=False)
         self.decoder = TransformerStack(cfg, cfg.n_decoder_layers, causal=True, cross=True)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.memory_padding_mask: Tensor | None = None  # the source mask while a cache is set up
         self._init_weights()
 
     def encode(
@@ -404,14 +435,29 @@ class Seq2Seq(_IncrementalDecoding):
             out.attentions = {"encoder": enc_w, **out.attentions}
         return out
 
-    def setup_cache(
-        self, memory: Tensor, max_len: int | None = None, dtype: torch.dtype | None = None,
-    ) -> None:
-        """Prepare incremental decoding for the source whose encoder output is `memory` (B, S, d_model):
-        static self-attention caches of `max_len` slots, and cross-attention K/V computed once."""
-        p = self.embed.tok.weight
-        self.decoder.setup_cache(memory.size(0), max_len or self.cfg.max_seq_len, dtype or p.dtype, p.device)
+    def _set_source(self, memory: Tensor | None, memory_padding_mask: Tensor | None) -> None:
+        if memory is None:
+            raise ValueError("Seq2Seq.setup_cache needs memory, the encoder output of the source")
         self.decoder.set_memory(memory)
+        self.memory_padding_mask = memory_padding_mask
+
+    def clear_cache(self) -> None:
+        super().clear_cache()
+        self.memory_padding_mask = None
+
+    def select_cache_rows(self, index: Tensor) -> None:
+        super().select_cache_rows(index)
+        if self.memory_padding_mask is not None:
+            self.memory_padding_mask = self.memory_padding_mask.index_select(0, index)
+
+    def next_token_logits(
+        self, idx: Tensor, key_padding_mask: Tensor | None = None, positions: Tensor | None = None,
+        input_pos: Tensor | None = None, memory: Tensor | None = None, memory_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        if memory is None:  # cached: the cross-attention keys/values and the source mask are stored
+            memory_padding_mask = self.memory_padding_mask
+        out = self.decode(idx, memory, memory_padding_mask, key_padding_mask, positions, input_pos, last_only=True)
+        return out.logits[:, -1]
 
 
 MODELS: dict[str, type[_LMBase]] = {"encoder": EncoderModel, "decoder": DecoderLM, "encoder-decoder": Seq2Seq}

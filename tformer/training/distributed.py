@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from tformer.data import IGNORE_INDEX
+from tformer.data.batches import IGNORE_INDEX
 from tformer.device import Precision
 from tformer.errors import CheckpointError, TformerError
 
@@ -399,18 +399,21 @@ def snapshot_for_saving(
 
     Every rank must call this (gathering a sharded model is a collective); the others get None.
     """
-    from tformer.train import optimizer_tensors
+    from tformer.training.state import optimizer_tensors
 
     if not is_sharded(model):
         return (model, optimizer_tensors(optimizer, model)) if is_main() else None
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     options = _full_options(cpu_offload=True)  # gathered shard by shard into rank 0's CPU memory
     weights = get_model_state_dict(model, options=options)
     optim = get_optimizer_state_dict(model, optimizer, options=options)
     if not is_main():
         return None
-    from tformer.model import build_model
+    from tformer.model.transformer import build_model
 
     with torch.device("meta"):
         plain = build_model(model_cfg)  # no memory and no init: the gathered tensors are assigned to it
@@ -438,7 +441,7 @@ def load_model_state(model: nn.Module, tensors: dict[str, Tensor], where: str) -
 def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, tensors: dict[str, Tensor]) -> None:
     """Optimizer tensors by name (as `snapshot_for_saving` writes them) into `optimizer`, sharded or not."""
     from tformer.checkpoint import unwrap_model
-    from tformer.train import load_optimizer_tensors
+    from tformer.training.state import load_optimizer_tensors
 
     if not is_sharded(model):
         load_optimizer_tensors(optimizer, model, tensors)

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tformer.tokenize import PairTokens, SpecialIds
+from tformer.data.tokenizer import SpecialIds
+from tformer.data.tokens import PairTokens
 
 IGNORE_INDEX = -100  # label of positions that carry no loss
 

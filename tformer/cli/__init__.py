@@ -1,0 +1,14 @@
+"""The `tformer` command line: one thin module per command over the core package."""
+
+from tformer.cli import generate, inspect, tokenize, train  # noqa: F401  (each registers its command)
+from tformer.cli.app import (
+    app,
+    console,
+    err_console,
+    fail,
+    print_error,
+    run,
+    user_errors,
+)
+
+__all__ = ["app", "console", "err_console", "fail", "print_error", "run", "user_errors"]

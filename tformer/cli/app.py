@@ -1,0 +1,79 @@
+"""The Typer app, its consoles and the one-line error handling shared by every command."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from tformer import __version__
+from tformer.errors import TformerError
+
+app = typer.Typer(
+    name="tformer",
+    help="Tokenize text, train Transformers on it, generate from them, and inspect their attention.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def print_error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print one line to stderr and exit non-zero."""
+    print_error(message)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the core's TformerError into a one-line message instead of a traceback."""
+    try:
+        yield
+    except TformerError as e:
+        fail(str(e))
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"tformer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Show the version and exit."
+    ),
+) -> None:
+    """Tokenize text, train Transformers on it, generate from them, and inspect their attention."""
+
+
+def run(args: list[str] | None = None) -> NoReturn:
+    """The `tformer` command: the Typer app, with its own usage errors (an unknown option, a value of the
+    wrong type) on one line like every other error, instead of click's framed message."""
+    args = sys.argv[1:] if args is None else list(args)
+    try:
+        code = app(args=args or ["--help"], prog_name="tformer", standalone_mode=False)
+    except typer.Abort:
+        print_error("aborted")
+        raise SystemExit(1) from None
+    except Exception as e:
+        # Click's usage errors (vendored by recent Typer versions, so matched by what they carry).
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+            raise  # anything else is a bug, and its traceback is wanted
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        print_error(e.format_message() + hint)
+        raise SystemExit(e.exit_code) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

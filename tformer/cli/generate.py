@@ -1,0 +1,111 @@
+"""`tformer generate`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+
+from tformer.cli.app import app, err_console, user_errors
+
+
+# --- generate ---
+@app.command()
+def generate(
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue (to translate, for an "
+                                         "encoder-decoder; with <mask> tokens, for an encoder).", show_default=False),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="One prompt per line, run as one batch.",
+                                               show_default=False),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint directory (ours, or a "
+                                              "transformers GPT-2 one), or a training run's directory (its newest "
+                                              "checkpoint). Default: the newest under checkpoints/.",
+                                              show_default=False),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", help="Tokens to generate per completion."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy, whatever the options below say."),
+    top_k: int = typer.Option(50, "--top-k", help="Sample from the k most likely tokens only (0: off)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: the most likely tokens up to probability p."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min-p x the top token's probability."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeating tokens."),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="End a completion where this text appears "
+                                             "(repeatable; the text itself is not printed).", show_default=False),
+    seed: Optional[int] = typer.Option(None, help="Random seed: same seed, same text. Default: a fresh one.",
+                                       show_default=False),
+    num_samples: int = typer.Option(1, "--num-samples", help="Completions per prompt."),
+    beams: int = typer.Option(1, help="Beam search with this many beams (deterministic)."),
+    length_penalty: float = typer.Option(1.0, "--length-penalty", help="Beam score = log-prob / length^this."),
+    early_stopping: bool = typer.Option(True, "--early-stopping/--no-early-stopping",
+                                        help="End beam search once --beams hypotheses have finished."),
+    top: int = typer.Option(5, help="Fill-mask: candidates shown for each <mask>."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence every step (slow; a check)."),
+    device: str = typer.Option("auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16 or fp16."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (CUDA graphs on a GPU)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the generated text: no timings or notes."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document (prompts, completions, token ids, "
+                                  "timings) instead of streaming text."),
+) -> None:
+    """Generate text from a checkpoint: continue a prompt (decoder), translate it (encoder-decoder), or fill in
+    its <mask> tokens (encoder). Text streams to stdout; timings go to stderr."""
+    import json
+
+    from tformer import generation as core
+
+    def note(message: str) -> None:
+        if not quiet:
+            err_console.print(f"[yellow]note:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+    with user_errors():
+        stdin = None if prompt is not None or prompt_file is not None or sys.stdin.isatty() else sys.stdin.read()
+        prompts = core.read_prompts(prompt, prompt_file, stdin)
+        cfg = core.GenerateConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed, num_samples=num_samples,
+            beams=beams, length_penalty=length_penalty, early_stopping=early_stopping, use_cache=not no_cache,
+            compile=compile, fill_top=top,
+        )
+        loaded = core.load(checkpoint, device=device, dtype=dtype)
+        header = {"checkpoint": str(loaded.path), "arch": loaded.config.arch}
+        if checkpoint is None or loaded.path != checkpoint:
+            note(f"using the checkpoint {loaded.path}")
+
+        if loaded.config.arch == "encoder":
+            results = core.fill_mask(loaded.model, loaded.tokenizer, prompts, top=cfg.fill_top,
+                                     specials=loaded.specials)
+            if json_out:
+                print(json.dumps({**header, "fill_mask": [r.to_dict() for r in results]}, ensure_ascii=False))
+                return
+            for r in results:
+                print(r.filled)
+                for i, candidates in enumerate(r.masks, 1):
+                    print(f"  <mask> {i}: " + "  ".join(f"{c.token!r} {c.prob:.3f}" for c in candidates))
+            return
+
+        streaming = not json_out and len(prompts) * (1 if beams > 1 else num_samples) == 1 and beams == 1
+
+        echo = [prompts[0] if loaded.config.arch == "decoder" else ""]  # a decoder's prompt is shown first
+
+        def on_text(row: int, text: str) -> None:
+            sys.stdout.write(echo.pop() + text if echo else text)
+            sys.stdout.flush()
+
+        result = core.generate(loaded.model, loaded.tokenizer, prompts, cfg, on_text if streaming else None,
+                               specials=loaded.specials)
+        if json_out:
+            doc = {**header, "config": {k: v for k, v in vars(cfg).items()}, **result.to_dict()}
+            print(json.dumps(doc, ensure_ascii=False))
+        elif streaming:
+            print(echo.pop() if echo else "", flush=True)
+        else:
+            for c in result.completions:
+                label = f"prompt {prompts.index(c.prompt) + 1}" if len(prompts) > 1 else "prompt"
+                label += f", sample {c.sample + 1}" if len(result.completions) > len(prompts) else ""
+                label += f", score {c.score:.4f}" if c.score is not None else ""
+                print(f"--- {label} ---")
+                print((c.prompt if loaded.config.arch == "decoder" else "") + c.text)
+        for message in result.notices:
+            note(message)
+        if not quiet and not json_out:
+            err_console.print(result.timings.describe(), highlight=False, soft_wrap=True, style="dim")

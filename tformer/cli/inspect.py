@@ -1,0 +1,63 @@
+"""`tformer inspect`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from tformer.cli.app import app, console, err_console, user_errors
+
+
+# --- inspect ---
+@app.command("inspect")
+def inspect_command(
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="Checkpoint directory (ours or a Hugging Face GPT-2 one), or a training run's "
+        "directory (its newest checkpoint). Default: the newest under checkpoints/.", show_default=False),
+    prompt: Optional[str] = typer.Option(
+        None, help="Run the model on this text and summarise its attention (the source, for an encoder-decoder).",
+        show_default=False),
+    layer: Optional[int] = typer.Option(None, help="Layer of the heatmap, 0-based (default: the last).",
+                                        show_default=False),
+    head: Optional[int] = typer.Option(None, help="Head of the heatmap, 0-based (default: the mean over heads).",
+                                       show_default=False),
+    stack: Optional[str] = typer.Option(
+        None, help="Attention of the heatmap: encoder, decoder or cross (default: the model's own; cross for "
+        "an encoder-decoder).", show_default=False),
+    target: Optional[str] = typer.Option(
+        None, help="Encoder-decoder: the target text for the cross-attention (default: decoded greedily).",
+        show_default=False),
+    json_out: bool = typer.Option(False, "--json", help="Print everything as one JSON document instead."),
+    html: Optional[Path] = typer.Option(
+        None, help="Write an interactive, self-contained page (works offline) to this file.", show_default=False),
+    png: Optional[Path] = typer.Option(
+        None, help="Write the heatmap(s) of the chosen layer to this PNG file (needs matplotlib).",
+        show_default=False),
+) -> None:
+    """Show a checkpoint's anatomy and, with --prompt, what each attention head does on that text."""
+    import json
+
+    from tformer import inspection as core
+
+    with user_errors():
+        if png is not None:
+            core.require_matplotlib()
+        drawn = tuple(name for name, path in (("--html", html), ("--png", png)) if path is not None)
+        result = core.inspect_checkpoint(checkpoint, prompt=prompt, target=target, stack=stack, layer=layer,
+                                         head=head, needs_prompt=drawn)
+        if html is not None:
+            core.write_html(result, html)
+        if png is not None:
+            core.write_png(result, png)
+    if json_out:
+        typer.echo(json.dumps(core.to_json(result), indent=1, ensure_ascii=False))
+    else:
+        for part in core.render(result):
+            console.print(part)
+            console.print()
+    for name, path in (("page", html), ("image", png)):
+        if path is not None:
+            err_console.print(f"wrote {name} {escape(str(path))}", highlight=False)

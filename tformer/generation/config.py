@@ -1,0 +1,72 @@
+"""How to generate: the options of `tformer generate` and their ranges, defined once."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tformer.errors import ConfigError
+
+# -- options --------------------------------------------------------------------------------------
+
+@dataclass
+class GenerateConfig:
+    """How to generate. Sampling applies, in this order: repetition penalty, top-k, temperature,
+    top-p, min-p (see `process_logits`); temperature 0 is greedy (argmax) whatever the others say."""
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int = 50  # keep the k most likely tokens; 0: off
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p; 1: off
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one; 0: off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output (CTRL's)
+    stop: tuple[str, ...] = ()  # a row stops when its text contains one of these (not included in the text)
+    seed: int | None = None  # None: a fresh seed, reported in the result
+    num_samples: int = 1  # completions per prompt
+    beams: int = 1  # > 1: beam search (deterministic; sampling options are ignored)
+    length_penalty: float = 1.0  # beam score = sum of log-probs / length ** length_penalty
+    early_stopping: bool = True  # beam search ends once `beams` finished hypotheses exist
+    use_cache: bool = True  # False: recompute the whole window at every step (slow; the oracle)
+    compile: bool = False  # torch.compile the decode step (CUDA graphs on a GPU)
+    fill_top: int = 5  # fill-mask: candidates shown per <mask>
+
+    def __post_init__(self) -> None:
+        self.stop = tuple(self.stop)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first option out of range and the allowed range."""
+        _int_at_least("max_new_tokens", self.max_new_tokens, 1)
+        _int_at_least("top_k", self.top_k, 0)
+        _int_at_least("num_samples", self.num_samples, 1)
+        _int_at_least("beams", self.beams, 1)
+        _int_at_least("fill_top", self.fill_top, 1)
+        _number("temperature", self.temperature, lambda v: v >= 0, "must be >= 0 (0 means greedy)")
+        _number("top_p", self.top_p, lambda v: 0 < v <= 1, "must be in (0, 1]")
+        _number("min_p", self.min_p, lambda v: 0 <= v <= 1, "must be in [0, 1]")
+        _number("repetition_penalty", self.repetition_penalty, lambda v: v > 0, "must be > 0 (1 means off)")
+        _number("length_penalty", self.length_penalty, math.isfinite, "must be a finite number")
+        if self.seed is not None:
+            _int_at_least("seed", self.seed, 0)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ConfigError("stop strings must be non-empty text")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _int_at_least(name: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{_option(name)}={value!r} must be an integer >= {low}")
+
+
+def _number(name: str, value: Any, ok: Callable[[float], bool], rule: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise ConfigError(f"{_option(name)}={value!r} {rule}")

@@ -1,0 +1,136 @@
+"""The training configuration and the named training presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from tformer.config import PRESETS, _choice, _from_dict, _positive_int
+from tformer.errors import ConfigError
+
+# -- training -----------------------------------------------------------------------------------
+
+SCHEDULES = ("cosine", "noam", "constant")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """How to train: optimisation, schedule, evaluation and checkpointing. The model's shape is a ModelConfig.
+
+    Length: `steps`, else `epochs` (passes over the training tokens), else the preset's steps;
+    `time_budget` (seconds) stops earlier, saving a checkpoint.
+    """
+
+    batch_size: int = 16  # sequences per micro-batch (under torchrun: the global one, split over the ranks)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    context: int = 128  # tokens per training sequence
+    steps: int | None = None
+    epochs: float | None = None
+    time_budget: float | None = None
+    lr: float = 1e-3  # peak learning rate (for noam: the peak, reached at step = warmup)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup: int = 100
+    schedule: str = "cosine"
+    weight_decay: float = 0.1  # not applied to norms, biases or embeddings
+    beta1: float = 0.9
+    beta2: float = 0.99
+    clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    fsdp: bool = False  # under torchrun: shard with FSDP2 instead of DDP (tformer/distributed.py)
+    eval_every: int = 250
+    eval_batches: int = 20  # 0 means the whole validation split
+    save_every: int = 500
+    log_every: int = 10
+    label_smoothing: float = 0.1  # encoder-decoder objective (the paper's epsilon_ls)
+    mask_prob: float = 0.15  # masked-LM / span-corruption noise density
+    mean_span: float = 3.0  # mean span length of the span-corruption objective
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("batch_size", "grad_accum", "context", "eval_every", "save_every", "log_every"):
+            _positive_int(name, getattr(self, name))
+        if self.steps is not None:
+            _positive_int("steps", self.steps)
+        for name in ("epochs", "time_budget", "lr"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ConfigError(f"{name}={value!r} must be a positive number")
+        for name in ("warmup", "eval_batches", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name}={value!r} must be a non-negative integer")
+        for name, low, high in (("min_lr_ratio", 0, 1), ("label_smoothing", 0, 1), ("beta1", 0, 1),
+                                ("beta2", 0, 1), ("mask_prob", 0, 1)):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and low <= value < high):
+                raise ConfigError(f"{name}={value!r} must be a number in [{low}, {high})")
+        for name in ("weight_decay", "clip"):
+            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be a non-negative number")
+        if not (isinstance(self.mean_span, (int, float)) and self.mean_span >= 1):
+            raise ConfigError(f"mean_span={self.mean_span!r} must be a number >= 1")
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("device", self.device, DEVICES)
+        _choice("dtype", self.dtype, DTYPES)
+        if self.schedule == "noam" and self.warmup == 0:
+            raise ConfigError("schedule='noam' needs warmup >= 1 (its peak is at step = warmup)")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a dict (e.g. config.json's "train" section); unknown keys are an error."""
+        return _from_dict(cls, values, "training option")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# A training preset names a model preset, changes to it, and training options. Model presets
+# (PRESETS) are training presets too, with the default training options and `steps` below.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # `tformer train` with no options: a small decoder in a few minutes on a 2-core CPU. Dropout 0.2 (as
+    # nanoGPT's character-level Shakespeare): the built-in corpus is small (about 100k BPE tokens), and
+    # without it the validation loss climbs after a few epochs while the training loss keeps falling.
+    "tiny": dict(model="tiny", model_overrides=dict(dropout=0.2),
+                 train=dict(steps=600, context=128, batch_size=16, lr=2e-3)),
+    "small": dict(model="small", model_overrides={}, train=dict(steps=5000, context=256, batch_size=32, lr=1e-3)),
+    # nanoGPT's "baby" character-level Shakespeare model (its README): 4 layers, 4 heads, d_model 128,
+    # context 64, batch 12, 2000 iterations, lr 1e-3, no dropout.
+    "baby-shakespeare": dict(
+        model="tiny",
+        model_overrides=dict(d_model=128, n_heads=4, n_decoder_layers=4, n_encoder_layers=4, d_ff=512,
+                             pos_encoding="learned", dropout=0.0, bias=False),
+        train=dict(steps=2000, context=64, batch_size=12, lr=1e-3, warmup=100, min_lr_ratio=0.1,
+                   weight_decay=0.1, beta2=0.99, eval_every=250),
+    ),
+    # The fastest route found here to a validation loss <= 1.88 on Tiny Shakespeare at character level
+    # on a 2-core CPU (benchmarks/bench_speedrun.py, benchmarks/RESULTS.md): the baby model's size with
+    # rotary positions and SwiGLU (d_ff 344: the FLOPs of a 512-wide GELU layer), which learn per token
+    # far faster, a larger batch and a higher rate; one evaluation, at the end.
+    "shakespeare-speedrun": dict(
+        model="tiny",
+        model_overrides=dict(d_model=128, n_heads=4, n_decoder_layers=4, n_encoder_layers=4, d_ff=344,
+                             pos_encoding="rope", activation="swiglu", dropout=0.0, bias=False),
+        train=dict(steps=360, context=64, batch_size=32, lr=4e-3, warmup=50, min_lr_ratio=0.1,
+                   weight_decay=0.1, beta2=0.99, eval_every=360, log_every=20),
+    ),
+}
+DEFAULT_STEPS = 1000
+
+
+def train_preset(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(model preset, model overrides, training options) for a training or model preset name."""
+    if name in TRAIN_PRESETS:
+        p = TRAIN_PRESETS[name]
+        return p["model"], dict(p["model_overrides"]), dict(p["train"])
+    if name in PRESETS:
+        return name, {}, {}
+    names = sorted(set(TRAIN_PRESETS) | set(PRESETS))
+    raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(names)}")

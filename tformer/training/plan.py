@@ -1,0 +1,301 @@
+"""Planning a run from what the user gave: the output directory, the tokens, and every check before a file is written."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from tformer.checkpoint import TOKENIZER_FILE
+from tformer.config import ModelConfig
+from tformer.data.batches import steps_per_epoch
+from tformer.device import resolve_device, resolve_precision
+from tformer.errors import TformerError
+from tformer.files import recover_directory
+from tformer.training.config import TrainConfig
+from tformer.training.objectives import OBJECTIVES, TrainData
+from tformer.training.options import read_toml, resolve_configs
+from tformer.training.state import resume_dir
+
+
+def total_steps_for(cfg: TrainConfig, data: TrainData) -> int:
+    """Optimizer steps of the run: --steps, else --epochs passes over the training data."""
+    if cfg.steps is not None:
+        return cfg.steps
+    if cfg.epochs is not None:
+        per_epoch = steps_per_epoch(data.objective, data.n_train, cfg.context,
+                                    cfg.batch_size * cfg.grad_accum * cfg.context, cfg.batch_size * cfg.grad_accum)
+        return max(1, math.ceil(cfg.epochs * per_epoch))
+    from tformer.training.config import DEFAULT_STEPS
+
+    return DEFAULT_STEPS
+
+
+def check_out_dir(out: Path, resume: bool, force: bool) -> None:
+    """--out must be writable, and an existing run is continued (resume) or replaced (force), never silently."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise TformerError(f"cannot write to --out '{out}': {e.strerror or e}") from None
+    recover_directory(out / "latest")
+    recover_directory(out / "best")
+    if not resume and not force and ((out / "latest").exists() or (out / "best").exists()):
+        raise TformerError(
+            f"'{out}' already holds a training run; continue it with --resume auto, "
+            f"start over with --force, or choose another --out"
+        )
+
+
+def check_data(data: TrainData, cfg: TrainConfig) -> None:
+    """Each split of flat text must hold at least one training window."""
+    if data.objective == "pairs":
+        return
+    needed = cfg.context + 1
+    for split, tokens in (("training", data.train_tokens), ("validation", data.val_tokens)):
+        if len(tokens) < needed:
+            raise TformerError(
+                f"the {split} split has {len(tokens)} tokens, fewer than one context window "
+                f"({needed}); use a smaller --context or more text"
+            )
+
+
+# -- planning a run from what the user gave ---------------------------------------------------------
+
+@dataclass
+class RunPlan:
+    """A resolved run: configs, data, where it goes, and what it starts from."""
+
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    data: TrainData
+    out: Path
+    resume: Path | None = None
+    init_model: nn.Module | None = None
+    extra_config: dict[str, Any] = field(default_factory=dict)
+    sample: Callable[[nn.Module], str] | None = None
+
+
+TOKENS_SUBDIR = "data"  # raw text is tokenized into <out>/data, and reused while the corpus is unchanged
+_CACHE_KEY_FILE = "cache_key.json"
+
+
+def _corpus_name(corpus: list[Path] | None) -> str:
+    from tformer.data.corpus import DEFAULT_CORPUS_NAME
+
+    if not corpus:
+        return DEFAULT_CORPUS_NAME
+    first = Path(corpus[0])
+    return (first.stem if first.suffix else first.name) or "corpus"
+
+
+def _cache_key(paths: list[Path], kind: str | None, vocab_size: int | None, tokenizer: Path | None) -> dict:
+    """What the cached tokens depend on: the corpus files (path, size, modification time) and the options."""
+    from tformer.data.corpus import find_corpus
+
+    files = [[str(s.path.resolve()), s.size, os.stat(s.path).st_mtime_ns] for s in find_corpus(paths)]
+    tok = None
+    if tokenizer is not None:
+        tok_path = Path(tokenizer).resolve()
+        tok = [str(tok_path), os.stat(tok_path).st_mtime_ns] if tok_path.exists() else str(tok_path)
+    return {"files": files, "kind": kind, "vocab_size": vocab_size, "tokenizer": tok}
+
+
+def _is_token_dir(corpus: list[Path] | None) -> bool:
+    """Whether CORPUS is a directory written by `tformer tokenize` (rather than raw text)."""
+    return bool(corpus) and len(corpus) == 1 and (Path(corpus[0]) / "meta.json").is_file()
+
+
+def prepare_tokens(
+    corpus: list[Path] | None, cache_dir: Path, kind: str | None, vocab_size: int | None,
+    tokenizer: Path | None, on_tokenize: Callable | None = None,
+) -> Path:
+    """A token directory for `corpus`: itself if it already is one, else the corpus tokenized into
+    `cache_dir` (reused when the files and options are unchanged)."""
+    from tformer.data.corpus import default_corpus
+    from tformer.data.prepare import tokenize_corpus
+
+    if _is_token_dir(corpus):
+        if kind or vocab_size or tokenizer:
+            raise TformerError(f"'{corpus[0]}' is already tokenized; --kind, --vocab-size and --tokenizer "
+                               f"apply only to raw text")
+        return Path(corpus[0])
+    paths = [Path(p) for p in corpus] if corpus else [default_corpus()]
+    key = _cache_key(paths, kind, vocab_size, tokenizer)
+    key_file = cache_dir / _CACHE_KEY_FILE
+    if key_file.is_file() and (cache_dir / "meta.json").is_file():
+        try:
+            if json.loads(key_file.read_text(encoding="utf-8")) == key:
+                return cache_dir
+        except json.JSONDecodeError:
+            pass
+    tokenize_corpus(paths, cache_dir, kind=kind, vocab_size=vocab_size, tokenizer=tokenizer, force=True,
+                    progress=on_tokenize)
+    from tformer.files import atomic_write_json
+
+    atomic_write_json(key_file, key)
+    return cache_dir
+
+
+def _same_tokenizer(a: Path, b: Path) -> bool:
+    from tformer.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(a).get_vocab(with_added_tokens=True) == load_tokenizer(b).get_vocab(with_added_tokens=True)
+
+
+def plan_run(
+    corpus: list[Path] | None,
+    options: dict[str, Any],
+    *,
+    config_file: Path | None = None,
+    out: Path | None = None,
+    resume: str | None = None,
+    init_from: Path | None = None,
+    force: bool = False,
+    kind: str | None = None,
+    vocab_size: int | None = None,
+    tokenizer: Path | None = None,
+    on_tokenize: Callable | None = None,
+) -> RunPlan:
+    """Resolve what `tformer train` was given into a RunPlan, checking everything before any file is written."""
+    from tformer.checkpoint import load_checkpoint, read_config
+
+    flags = {k: v for k, v in options.items() if v is not None}
+    options = {**(read_toml(Path(config_file)) if config_file else {}), **flags}
+    if resume is not None and init_from is not None:
+        raise TformerError("--resume continues a run and --init-from starts a new one from weights; choose one")
+    arch = options.get("arch")
+
+    base_model = base_train = None
+    init_model = None
+    ckpt_tokenizer: Path | None = None
+    ckpt_dir: Path | None = None
+    if resume is not None:
+        if resume == "auto" and out is None:
+            raise TformerError("--resume auto needs --out, the run directory to continue")
+        if out is None:
+            given = Path(resume)
+            out = given.parent if given.name in ("latest", "best") or given.name.startswith(".") else given
+        ckpt_dir = resume_dir(resume, out)
+        base_model, _, extra = read_config(ckpt_dir)
+        if "train" not in extra:
+            raise TformerError(f"'{ckpt_dir}' was not written by tformer train; use --init-from to start from it")
+        if arch is not None and arch != base_model.arch:
+            raise TformerError(f"cannot resume '{ckpt_dir}' as arch={arch!r}: it is a {base_model.arch!r} model")
+        base_train = TrainConfig.from_dict(extra["train"])
+        ckpt_tokenizer = ckpt_dir / TOKENIZER_FILE
+        kind = vocab_size = None  # the run's tokenizer is fixed: these only said how to build one
+        data_dir = (extra.get("data") or {}).get("directory")
+        if not corpus and data_dir:
+            corpus = [Path(data_dir)]
+    elif init_from is not None:
+        ckpt = load_checkpoint(init_from)
+        if ckpt.tokenizer_path is None:
+            raise TformerError(f"'{init_from}' has no tokenizer.json; --init-from needs the checkpoint's tokenizer")
+        if arch is not None and arch != ckpt.config.arch:
+            raise TformerError(f"--arch {arch} disagrees with '{init_from}', a {ckpt.config.arch!r} model")
+        base_model, init_model, ckpt_tokenizer = ckpt.config, ckpt.model, ckpt.tokenizer_path
+        if tokenizer is not None or kind is not None or vocab_size is not None:
+            raise TformerError("--init-from trains with the checkpoint's own tokenizer; drop --tokenizer, "
+                               "--kind and --vocab-size")
+    if ckpt_tokenizer is not None and tokenizer is None and not _is_token_dir(corpus):
+        tokenizer = ckpt_tokenizer  # raw text is encoded with the checkpoint's own tokenizer
+    if base_model is not None:
+        options["arch"] = base_model.arch  # equal to --arch when given (checked above)
+    model_cfg, train_cfg = resolve_configs(options, base_model, base_train)
+
+    resolve_precision(train_cfg.dtype, resolve_device(train_cfg.device))  # an unavailable device fails here
+    if out is None:
+        out = Path("checkpoints") / f"{_corpus_name(corpus)}-{model_cfg.arch}"
+    with _removed_on_error(out):
+        return _plan_data(corpus, out, model_cfg, train_cfg, force=force, kind=kind, vocab_size=vocab_size,
+                          tokenizer=tokenizer, on_tokenize=on_tokenize, base_model=base_model,
+                          ckpt_dir=ckpt_dir, ckpt_tokenizer=ckpt_tokenizer, init_from=init_from,
+                          init_model=init_model)
+
+
+@contextmanager
+def _removed_on_error(directory: Path) -> Iterator[None]:
+    """A run rejected while it is being planned leaves no trace: `directory` goes again if it is new."""
+    existed = directory.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def _plan_data(
+    corpus: list[Path] | None, out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, *, force: bool,
+    kind: str | None, vocab_size: int | None, tokenizer: Path | None, on_tokenize: Callable | None,
+    base_model: ModelConfig | None, ckpt_dir: Path | None, ckpt_tokenizer: Path | None,
+    init_from: Path | None, init_model: nn.Module | None,
+) -> RunPlan:
+    """The second half of `plan_run`: --out, the tokens, and the checks that need them."""
+    from tformer.data.tokens import open_tokens
+
+    if ckpt_dir is None:
+        check_out_dir(out, resume=False, force=force)
+    token_dir = prepare_tokens(corpus, out / TOKENS_SUBDIR, kind, vocab_size, tokenizer, on_tokenize)
+    tokens = open_tokens(token_dir)
+    tokenizer_path = token_dir / tokens.meta["tokenizer"]
+    if ckpt_tokenizer is not None and not _same_tokenizer(ckpt_tokenizer, tokenizer_path):
+        raise TformerError(
+            f"the tokenizer of the checkpoint does not match the data in '{token_dir}'; tokenize the text "
+            f"with --tokenizer {ckpt_tokenizer}"
+        )
+    if base_model is None:
+        model_cfg = model_cfg.replace(vocab_size=tokens.vocab_size)
+    elif tokens.vocab_size > model_cfg.vocab_size:
+        raise TformerError(f"the data's vocabulary ({tokens.vocab_size}) is larger than the model's "
+                           f"({model_cfg.vocab_size})")
+
+    if tokens.is_pairs and model_cfg.arch != "encoder-decoder":
+        raise TformerError(f"a .tsv of source/target pairs trains --arch encoder-decoder, not {model_cfg.arch}; "
+                           f"give plain text for a {model_cfg.arch}")
+    objective = OBJECTIVES.get(model_cfg.arch) or ("pairs" if tokens.is_pairs else "span")
+    need = {"masked": ("mask",), "span": ("mask", "eos", "pad", "bos"), "pairs": ("eos", "pad", "bos")}
+    missing = [r for r in need.get(objective, ()) if getattr(tokens.special, r) is None]
+    if missing:
+        raise TformerError(f"the {model_cfg.arch} objective needs the special token(s) {', '.join(missing)}, "
+                           f"which this tokenizer lacks")
+    if tokens.is_pairs:
+        data = TrainData(objective, tokens.special, tokens.vocab_size, tokenizer_path,
+                         train_pairs=tokens.pairs("train"), val_pairs=tokens.pairs("val"))
+        if len(data.train_pairs) == 0 or len(data.val_pairs) == 0:
+            raise TformerError(f"'{token_dir}' needs training and validation pairs (it has "
+                               f"{len(data.train_pairs)} and {len(data.val_pairs)})")
+    else:
+        data = TrainData(objective, tokens.special, tokens.vocab_size, tokenizer_path,
+                         train_tokens=tokens.tokens("train"), val_tokens=tokens.tokens("val"))
+    data.source = {"directory": str(token_dir), "kind": tokens.meta.get("kind"),
+                   "tokens": tokens.meta.get("tokens"), "sources": tokens.meta.get("sources")}
+    check_data(data, train_cfg)
+    if ckpt_dir is not None:
+        check_out_dir(out, resume=True, force=False)
+    extra = {"init_from": str(init_from)} if init_from is not None else {}
+    return RunPlan(model_cfg, train_cfg, data, out, ckpt_dir, init_model, extra, _sampler(model_cfg, tokens))
+
+
+def _sampler(model_cfg: ModelConfig, tokens: Any) -> Callable[[nn.Module], str] | None:
+    """The short text printed at the end of a decoder's training run."""
+    if model_cfg.arch != "decoder":
+        return None
+
+    def sample(model: nn.Module) -> str:
+        from tformer.generation.generate import sample_continuation
+
+        return sample_continuation(model, tokens.tokenizer, max_new_tokens=100)
+
+    return sample
