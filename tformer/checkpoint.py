@@ -24,6 +24,7 @@ from tformer import __version__
 from tformer.config import ModelConfig
 from tformer.errors import CheckpointError, ConfigError
 from tformer.files import atomic_write, atomic_write_json
+from tformer.files import old_sibling as _old_sibling
 from tformer.model.transformer import build_model
 
 WEIGHTS_FILE = "model.safetensors"
@@ -72,11 +73,54 @@ def find_latest_checkpoint(root: str | Path = DEFAULT_ROOT) -> Path:
             f"no checkpoint found under '{root}'; train one with `tformer train` or pass --checkpoint DIR"
         )
 
-    def written(directory: Path) -> float:
-        weights = directory / WEIGHTS_FILE
-        return (weights if weights.is_file() else directory / SHARD_INDEX_FILE).stat().st_mtime
+    return max(candidates, key=_written)
 
-    return max(candidates, key=written)
+
+def resolve_checkpoint(given: str | Path | None, root: str | Path = DEFAULT_ROOT) -> tuple[Path, str | None]:
+    """The checkpoint directory a command-line argument names, and a note when it was chosen for the user.
+
+    The one rule every command follows (generate, inspect, train --resume/--init-from):
+    - nothing: the newest checkpoint under `root` (checkpoints/);
+    - a checkpoint directory (ours, or a Hugging Face one: config.json and safetensors weights): itself;
+    - a training run's directory (holding latest/ and/or best/): the newer of the two;
+    - any other directory: the newest checkpoint anywhere below it, named in the note.
+    A checkpoint caught between the two renames of its swap (`.NAME.old` without NAME) is read where it is,
+    without changing anything on disk. A path that holds no checkpoint is returned as given: loading it
+    says what is missing.
+    """
+    if given is None:
+        path = find_latest_checkpoint(root)
+        return path, f"using the checkpoint {path} (the newest under {root})"
+    path = Path(given)
+    if is_checkpoint_dir(path):
+        return path, None
+    present = _present(path)
+    if present is not None and present != path:
+        return present, f"using the checkpoint {present} (the save replacing '{path}' did not finish)"
+    if not path.is_dir():
+        return path, None
+    run = [d for d in (_present(path / "latest"), _present(path / "best")) if d is not None]
+    if run:
+        newest = max(run, key=_written)
+        return newest, f"using the checkpoint {newest} (the newest of the run '{path}')"
+    try:
+        newest = find_latest_checkpoint(path)
+    except CheckpointError:
+        return path, None  # nothing inside either: loading says what is missing
+    return newest, f"using the checkpoint {newest} (the newest under '{path}')"
+
+
+def _present(directory: Path) -> Path | None:
+    """`directory` if it is a checkpoint, else the previous version a swap left beside it, else None."""
+    if is_checkpoint_dir(directory):
+        return directory
+    old = _old_sibling(directory)
+    return old if not directory.exists() and is_checkpoint_dir(old) else None
+
+
+def _written(directory: Path) -> float:
+    weights = directory / WEIGHTS_FILE
+    return (weights if weights.is_file() else directory / SHARD_INDEX_FILE).stat().st_mtime
 
 
 def _visible(directory: Path, root: Path) -> bool:
@@ -185,7 +229,7 @@ def load_checkpoint(
     Tensors are read on the CPU, checked against the config (every missing, unexpected or
     wrongly shaped tensor is an error that names it), then the model is moved to `device`/`dtype`.
     """
-    directory = Path(directory)
+    directory = _present(Path(directory)) or Path(directory)  # a swap stopped between its renames
     config, source, extra = read_config(directory)
     tensors = read_safetensors(directory)
     if source == "hf-gpt2":
@@ -223,22 +267,33 @@ def _names(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def read_safetensors(directory: Path) -> dict[str, Tensor]:
-    """All tensors of `model.safetensors` (or of the shards a `model.safetensors.index.json` names), on the CPU."""
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files holding a checkpoint's weights: `model.safetensors`, or the shards its
+    `model.safetensors.index.json` names (each must be a plain file name inside `directory`)."""
     single, index = directory / WEIGHTS_FILE, directory / SHARD_INDEX_FILE
     if single.is_file():
-        files = [single]
-    elif index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = [directory / name for name in dict.fromkeys(weight_map.values())]
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index} is not a valid shard index: {e}") from None
-    else:
+        return [single]
+    if not index.is_file():
         hint = ""
         if (directory / "pytorch_model.bin").exists():
             hint = " (it has pytorch_model.bin, a pickle, which tformer never loads; re-save with safetensors)"
         raise CheckpointError(f"'{directory}' has no {WEIGHTS_FILE}{hint}")
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = list(dict.fromkeys(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index} is not a valid shard index: {e}") from None
+    for name in names:
+        if not isinstance(name, str) or not name.endswith(".safetensors") or Path(name).name != name \
+                or name.startswith("."):
+            raise CheckpointError(f"{index} names the shard {name!r}: shards must be .safetensors files inside "
+                                  f"'{directory}' (a plain file name, no path)")
+    return [directory / name for name in names]
+
+
+def read_safetensors(directory: Path) -> dict[str, Tensor]:
+    """All tensors of `model.safetensors` (or of the shards a `model.safetensors.index.json` names), on the CPU."""
+    files = weight_files(directory)
     tensors: dict[str, Tensor] = {}
     for path in files:
         if not path.is_file():

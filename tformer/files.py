@@ -74,7 +74,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def _old_sibling(path: Path) -> Path:
+def old_sibling(path: Path) -> Path:
+    """Where `atomic_directory` keeps the previous version of `path` between the two renames of a swap."""
     return path.parent / f".{path.name}.old"
 
 
@@ -93,7 +94,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         tmp.chmod(_umask_mode(0o777))  # mkdtemp makes it owner-only (0700)
         yield tmp
-        old = _old_sibling(path)
+        old = old_sibling(path)
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
@@ -101,13 +102,13 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(_old_sibling(path), ignore_errors=True)
+    shutil.rmtree(old_sibling(path), ignore_errors=True)
 
 
 def recover_directory(path: str | os.PathLike) -> None:
     """Finish or undo a swap that `atomic_directory` was stopped in the middle of."""
     path = Path(path)
-    old = _old_sibling(path)
+    old = old_sibling(path)
     if old.exists():
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)

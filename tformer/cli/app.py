@@ -21,12 +21,21 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+CHECKPOINT_HELP = ("A checkpoint directory (ours, or a Hugging Face one), a training run's directory (its newest "
+                   "checkpoint), or a directory of runs (the newest checkpoint below it). Default: the newest under "
+                   "checkpoints/.")
+
 console = Console()
 err_console = Console(stderr=True)
 
 
 def print_error(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def print_note(message: str) -> None:
+    """A note to stderr (how an input was understood, what was cut), never mixed into the output."""
+    err_console.print(f"[yellow]note:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
 
-from tformer.cli.app import app, err_console, user_errors
+from tformer.cli.app import CHECKPOINT_HELP, app, err_console, print_note, user_errors
+from tformer.generation.config import GenerateConfig
 
 
 # --- generate ---
@@ -19,26 +19,24 @@ def generate(
                                          "encoder-decoder; with <mask> tokens, for an encoder).", show_default=False),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="One prompt per line, run as one batch.",
                                                show_default=False),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint directory (ours, or a "
-                                              "transformers GPT-2 one), or a training run's directory (its newest "
-                                              "checkpoint). Default: the newest under checkpoints/.",
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help=CHECKPOINT_HELP,
                                               show_default=False),
-    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", help="Tokens to generate per completion."),
-    temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy, whatever the options below say."),
-    top_k: int = typer.Option(50, "--top-k", help="Sample from the k most likely tokens only (0: off)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: the most likely tokens up to probability p."),
-    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min-p x the top token's probability."),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeating tokens."),
+    max_new_tokens: int = typer.Option(GenerateConfig.max_new_tokens, "--max-new-tokens", "-n", help="Tokens to generate per completion."),
+    temperature: float = typer.Option(GenerateConfig.temperature, help="Sampling temperature; 0 is greedy, whatever the options below say."),
+    top_k: int = typer.Option(GenerateConfig.top_k, "--top-k", help="Sample from the k most likely tokens only (0: off)."),
+    top_p: float = typer.Option(GenerateConfig.top_p, "--top-p", help="Nucleus sampling: the most likely tokens up to probability p."),
+    min_p: float = typer.Option(GenerateConfig.min_p, "--min-p", help="Drop tokens below min-p x the top token's probability."),
+    repetition_penalty: float = typer.Option(GenerateConfig.repetition_penalty, "--repetition-penalty", help="> 1 discourages repeating tokens."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="End a completion where this text appears "
                                              "(repeatable; the text itself is not printed).", show_default=False),
     seed: Optional[int] = typer.Option(None, help="Random seed: same seed, same text. Default: a fresh one.",
                                        show_default=False),
-    num_samples: int = typer.Option(1, "--num-samples", help="Completions per prompt."),
-    beams: int = typer.Option(1, help="Beam search with this many beams (deterministic)."),
-    length_penalty: float = typer.Option(1.0, "--length-penalty", help="Beam score = log-prob / length^this."),
-    early_stopping: bool = typer.Option(True, "--early-stopping/--no-early-stopping",
+    num_samples: int = typer.Option(GenerateConfig.num_samples, "--num-samples", help="Completions per prompt."),
+    beams: int = typer.Option(GenerateConfig.beams, help="Beam search with this many beams (deterministic)."),
+    length_penalty: float = typer.Option(GenerateConfig.length_penalty, "--length-penalty", help="Beam score = log-prob / length^this."),
+    early_stopping: bool = typer.Option(GenerateConfig.early_stopping, "--early-stopping/--no-early-stopping",
                                         help="End beam search once --beams hypotheses have finished."),
-    top: int = typer.Option(5, help="Fill-mask: candidates shown for each <mask>."),
+    top: int = typer.Option(GenerateConfig.fill_top, help="Fill-mask: candidates shown for each <mask>."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence every step (slow; a check)."),
     device: str = typer.Option("auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps."),
     dtype: str = typer.Option("auto", help="auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16 or fp16."),
@@ -51,28 +49,31 @@ def generate(
     its <mask> tokens (encoder). Text streams to stdout; timings go to stderr."""
     import json
 
-    from tformer import generation as core
+    from tformer.generation.fill_mask import fill_mask
+    from tformer.generation.generate import generate as generate_text
+    from tformer.generation.load import load
+    from tformer.generation.prompts import read_prompts
 
     def note(message: str) -> None:
         if not quiet:
-            err_console.print(f"[yellow]note:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            print_note(message)
 
     with user_errors():
         stdin = None if prompt is not None or prompt_file is not None or sys.stdin.isatty() else sys.stdin.read()
-        prompts = core.read_prompts(prompt, prompt_file, stdin)
-        cfg = core.GenerateConfig(
+        prompts = read_prompts(prompt, prompt_file, stdin)
+        cfg = GenerateConfig(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed, num_samples=num_samples,
             beams=beams, length_penalty=length_penalty, early_stopping=early_stopping, use_cache=not no_cache,
             compile=compile, fill_top=top,
         )
-        loaded = core.load(checkpoint, device=device, dtype=dtype)
+        loaded = load(checkpoint, device=device, dtype=dtype)
         header = {"checkpoint": str(loaded.path), "arch": loaded.config.arch}
-        if checkpoint is None or loaded.path != checkpoint:
-            note(f"using the checkpoint {loaded.path}")
+        if loaded.note:
+            note(loaded.note)
 
         if loaded.config.arch == "encoder":
-            results = core.fill_mask(loaded.model, loaded.tokenizer, prompts, top=cfg.fill_top,
+            results = fill_mask(loaded.model, loaded.tokenizer, prompts, top=cfg.fill_top,
                                      specials=loaded.specials)
             if json_out:
                 print(json.dumps({**header, "fill_mask": [r.to_dict() for r in results]}, ensure_ascii=False))
@@ -91,7 +92,7 @@ def generate(
             sys.stdout.write(echo.pop() + text if echo else text)
             sys.stdout.flush()
 
-        result = core.generate(loaded.model, loaded.tokenizer, prompts, cfg, on_text if streaming else None,
+        result = generate_text(loaded.model, loaded.tokenizer, prompts, cfg, on_text if streaming else None,
                                specials=loaded.specials)
         if json_out:
             doc = {**header, "config": {k: v for k, v in vars(cfg).items()}, **result.to_dict()}

@@ -8,17 +8,23 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from tformer.cli.app import app, console, err_console, user_errors
+from tformer.cli.app import (
+    CHECKPOINT_HELP,
+    app,
+    console,
+    err_console,
+    print_note,
+    user_errors,
+)
 
 
 # --- inspect ---
 @app.command("inspect")
 def inspect_command(
     checkpoint: Optional[Path] = typer.Option(
-        None, "--checkpoint", help="Checkpoint directory (ours or a Hugging Face GPT-2 one), or a training run's "
-        "directory (its newest checkpoint). Default: the newest under checkpoints/.", show_default=False),
+        None, "--checkpoint", "-c", help=CHECKPOINT_HELP, show_default=False),
     prompt: Optional[str] = typer.Option(
-        None, help="Run the model on this text and summarise its attention (the source, for an encoder-decoder).",
+        None, "--prompt", "-p", help="Run the model on this text and summarise its attention (the source, for an encoder-decoder).",
         show_default=False),
     layer: Optional[int] = typer.Option(None, help="Layer of the heatmap, 0-based (default: the last).",
                                         show_default=False),
@@ -40,22 +46,24 @@ def inspect_command(
     """Show a checkpoint's anatomy and, with --prompt, what each attention head does on that text."""
     import json
 
-    from tformer import inspection as core
+    from tformer.inspection import export, render_terminal, report
 
     with user_errors():
         if png is not None:
-            core.require_matplotlib()
+            export.require_matplotlib()
         drawn = tuple(name for name, path in (("--html", html), ("--png", png)) if path is not None)
-        result = core.inspect_checkpoint(checkpoint, prompt=prompt, target=target, stack=stack, layer=layer,
+        result = report.inspect_checkpoint(checkpoint, prompt=prompt, target=target, stack=stack, layer=layer,
                                          head=head, needs_prompt=drawn)
+        if result.note:
+            print_note(result.note)
         if html is not None:
-            core.write_html(result, html)
+            export.write_html(result, html)
         if png is not None:
-            core.write_png(result, png)
+            export.write_png(result, png)
     if json_out:
-        typer.echo(json.dumps(core.to_json(result), indent=1, ensure_ascii=False))
+        typer.echo(json.dumps(export.to_json(result), indent=1, ensure_ascii=False))
     else:
-        for part in core.render(result):
+        for part in render_terminal.render(result):
             console.print(part)
             console.print()
     for name, path in (("page", html), ("image", png)):

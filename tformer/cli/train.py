@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from tformer.cli.app import app, console, err_console, user_errors
+from tformer.cli.app import app, console, err_console, print_note, user_errors
 
 # --- train ---
 
@@ -151,6 +151,8 @@ def train_command(
         with distributed.rank_zero_first():
             plan = plan_run(corpus, options, config_file=config, out=out, resume=resume, init_from=init_from,
                                  force=force, kind=kind, vocab_size=vocab_size, tokenizer=tokenizer)
+        for message in plan.notes:
+            print_note(message)
         stop = core.StopFlag()
         try:
             with stop.installed():

@@ -24,8 +24,6 @@ import contextlib
 import itertools
 import json
 import os
-import secrets
-import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +58,7 @@ from tformer.data.tokenizer import (
 )
 from tformer.data.tokens import FORMAT, token_dtype
 from tformer.errors import TformerError
+from tformer.files import atomic_directory
 
 BATCH_BYTES = 1 << 20
 
@@ -179,28 +178,11 @@ def check_out_dir(out_dir: str | Path, force: bool) -> None:
 
 @contextlib.contextmanager
 def _building(out_dir: Path, force: bool) -> Iterator[Path]:
-    """Yield a fresh temporary sibling of `out_dir`; once the block succeeds, swap it in for `out_dir`.
-
-    Until then an existing `out_dir` is untouched; on any failure the temporary directory is removed.
-    The swap is two renames, so only a crash between them could leave `out_dir` missing (never half-written).
-    """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its mode 0700 would outlive the rename; mkdir honours the umask.
-    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    tmp.mkdir()
-    try:
+    """A fresh temporary sibling of `out_dir`, swapped in for it once the block succeeds (`atomic_directory`);
+    until then an existing `out_dir` is untouched, and on any failure the temporary directory goes."""
+    with atomic_directory(out_dir) as tmp:
         yield tmp
         check_out_dir(out_dir, force)  # again: something may have appeared meanwhile
-        if out_dir.exists():
-            old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import (
@@ -152,6 +154,15 @@ def train_tokenizer(texts: Iterable[str | list[str]], kind: str = "bpe", vocab_s
     raise TformerError(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
 
 
+def check_fits(tokenizer: Tokenizer, vocab_size: int, where: str | Path) -> None:
+    """Refuse a tokenizer whose ids a model of `vocab_size` tokens cannot take (the "tokenizer does not belong
+    to this model" check, done once where a checkpoint or its tokenizer is loaded)."""
+    n = tokenizer.get_vocab_size(with_added_tokens=True)
+    if n > vocab_size:
+        raise TformerError(f"{where} has {n:,} tokens but the model's vocabulary only {vocab_size:,}: "
+                           "they do not belong together")
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a Hugging Face tokenizer.json (or a directory holding one), ready to encode a corpus exactly."""
     path = Path(path)
@@ -176,15 +187,29 @@ def decode(tokenizer: Tokenizer, ids: Sequence[int] | np.ndarray) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False)
 
 
-# -- rows, streaming and stopping -----------------------------------------------------------------
+# -- byte-level tokenizers ------------------------------------------------------------------------
+
+def is_byte_level(tokenizer: Tokenizer | dict[str, Any]) -> bool:
+    """True when the tokenizer (or its JSON document) maps bytes to printable stand-ins, as GPT-2's does
+    (Ġ for a space): a ByteLevel pre-tokenizer or decoder anywhere in it."""
+    doc = tokenizer if isinstance(tokenizer, dict) else json.loads(tokenizer.to_str())
+
+    def has(node: Any) -> bool:
+        if isinstance(node, dict):
+            return node.get("type") == "ByteLevel" or any(has(v) for v in node.values())
+        if isinstance(node, list):
+            return any(has(v) for v in node)
+        return False
+
+    return has(doc.get("pre_tokenizer")) or has(doc.get("decoder"))
+
 
 def token_bytes_of(tokenizer: Tokenizer) -> Callable[[int], bytes] | None:
     """For a byte-level tokenizer (GPT-2's alphabet, as `tformer tokenize` builds), a function giving the
     bytes a token id stands for, as its ByteLevel decoder reads them; None for other tokenizers."""
-    from tokenizers import decoders
 
 
-    if not isinstance(tokenizer.decoder, decoders.ByteLevel):
+    if not is_byte_level(tokenizer):
         return None
     byte_of = {c: b for b, c in enumerate(byte_alphabet())}
     cache: dict[int, bytes] = {}

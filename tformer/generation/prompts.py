@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from tformer.data.tokenizer import SpecialIds
+from tformer.data.tokenizer import SpecialIds, check_fits
 from tformer.errors import TformerError
 from tformer.generation.engine import device_dtype, sync
 from tformer.generation.results import Timings
@@ -101,14 +101,12 @@ def prepare(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], spec
     device, _ = device_dtype(model)
     sync(device)
     start = time.perf_counter()
-    ctx, vocab, notices = model.cfg.max_seq_len, model.cfg.vocab_size, []
+    ctx, notices = model.cfg.max_seq_len, []
+    check_fits(tokenizer, model.cfg.vocab_size, "the tokenizer")
     encoded = [_encode(tokenizer, p) for p in prompts]
     for i, ids in enumerate(encoded):
         if not ids:
             raise TformerError(f"{_name(i, len(prompts))} encodes to no tokens")
-        if max(ids) >= vocab:
-            raise TformerError(f"the tokenizer gives id {max(ids)}, but the model's vocabulary has {vocab} tokens: "
-                               "they do not belong together")
     pad = specials.pad if specials.pad is not None else 0
     if isinstance(model, DecoderLM):
         if any("<mask>" in p for p in prompts) or (specials.mask is not None

@@ -13,12 +13,12 @@ from torch import nn
 
 from tformer.checkpoint import (
     OPTIMIZER_FILE,
-    SHARD_INDEX_FILE,
     TRAINER_STATE_FILE,
-    WEIGHTS_FILE,
     Checkpoint,
+    weight_files,
 )
 from tformer.config import ModelConfig
+from tformer.data.tokenizer import is_byte_level
 from tformer.model.attention import MultiHeadAttention
 from tformer.model.layers import Embedding, FeedForward
 from tformer.model.transformer import MLMHead
@@ -57,14 +57,6 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
         counts[kind] = counts.get(kind, 0) + p.numel()
     counts["total"] = sum(counts.values())
     return counts
-
-
-def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files holding a checkpoint's weights (one file, or the shards an index names)."""
-    if (directory / WEIGHTS_FILE).is_file():
-        return [directory / WEIGHTS_FILE]
-    index = json.loads((directory / SHARD_INDEX_FILE).read_text(encoding="utf-8"))
-    return [directory / name for name in dict.fromkeys(index["weight_map"].values())]
 
 
 def stored_dtypes(files: list[Path]) -> dict[str, int]:
@@ -152,18 +144,6 @@ def _tokenizer_json(tok: Any) -> dict[str, Any]:
     return json.loads(tok.to_str())
 
 
-def _is_byte_level(doc: dict[str, Any]) -> bool:
-    """True when the tokenizer maps bytes to printable stand-ins (GPT-2's Ġ for a space, ...)."""
-    def has(node: Any) -> bool:
-        if isinstance(node, dict):
-            return node.get("type") == "ByteLevel" or any(has(v) for v in node.values())
-        if isinstance(node, list):
-            return any(has(v) for v in node)
-        return False
-
-    return has(doc.get("pre_tokenizer")) or has(doc.get("decoder"))
-
-
 def tokenizer_kind(doc: dict[str, Any]) -> str:
     """bpe (byte-level BPE), byte, char, or the tokenizers model type for other tokenizers."""
     model = doc.get("model") or {}
@@ -171,8 +151,8 @@ def tokenizer_kind(doc: dict[str, Any]) -> str:
     if kind != "BPE":
         return kind.lower()
     if not model.get("merges"):
-        return "byte" if _is_byte_level(doc) else "char"
-    return "bpe" if _is_byte_level(doc) else "bpe (not byte-level)"
+        return "byte" if is_byte_level(doc) else "char"
+    return "bpe" if is_byte_level(doc) else "bpe (not byte-level)"
 
 
 def tokenizer_info(ckpt: Checkpoint) -> dict[str, Any] | None:

@@ -17,17 +17,16 @@ import torch
 from torch import Tensor, nn
 
 from tformer.checkpoint import (
-    CONFIG_FILE,
     Checkpoint,
-    find_latest_checkpoint,
     load_checkpoint,
+    resolve_checkpoint,
 )
 from tformer.config import ModelConfig
-from tformer.data.tokenizer import SpecialIds
-from tformer.errors import CheckpointError, TformerError
+from tformer.data.tokenizer import SpecialIds, check_fits, is_byte_level
+from tformer.errors import TformerError
 from tformer.generation.config import GenerateConfig
 from tformer.generation.generate import generate
-from tformer.inspection.anatomy import _is_byte_level, _tokenizer_json, anatomy
+from tformer.inspection.anatomy import anatomy
 from tformer.inspection.stats import (
     HeadStats,
     induction_scores,
@@ -77,7 +76,7 @@ class TokenLabeler:
         from tformer.data.tokenizer import byte_alphabet
 
         self.tok = tok
-        self.byte_level = _is_byte_level(_tokenizer_json(tok))
+        self.byte_level = is_byte_level(tok)
         self.byte_of = {ch: b for b, ch in enumerate(byte_alphabet())}
 
     def __call__(self, token_id: int) -> str:
@@ -165,9 +164,6 @@ def _encode(tok: Any, text: str, what: str, cfg: ModelConfig) -> list[int]:
         raise TformerError(f"{what} is empty after tokenization; give some text")
     if len(ids) > cfg.max_seq_len:
         raise TformerError(f"{what} is {len(ids)} tokens; this model takes at most {cfg.max_seq_len} (max_seq_len)")
-    if max(ids) >= cfg.vocab_size:
-        raise TformerError(f"the tokenizer gives id {max(ids)} but the model's vocabulary has {cfg.vocab_size} "
-                           "tokens; the checkpoint's tokenizer.json does not belong to its weights")
     return ids
 
 
@@ -195,6 +191,7 @@ def attention_report(ckpt: Checkpoint, prompt: str, target: str | None = None) -
     if ckpt.tokenizer_path is None:
         raise TformerError(f"'{ckpt.path}' has no tokenizer.json, which --prompt needs to turn text into tokens")
     tok = load_tokenizer(ckpt.tokenizer_path)
+    check_fits(tok, cfg.vocab_size, ckpt.tokenizer_path)
     label = TokenLabeler(tok)
     specials = special_ids(tok)
     device = next(model.parameters()).device
@@ -299,20 +296,6 @@ def heatmap(att: StackAttention, layer: int, head: int | None = None, max_tokens
 
 # == the whole inspection =======================================================================
 
-def checkpoint_path(directory: str | Path | None) -> Path:
-    """The checkpoint to inspect: `directory` itself, the newest checkpoint inside a run directory (one that
-    holds latest/ and best/), or without a directory the newest under checkpoints/."""
-    if directory is None:
-        return find_latest_checkpoint()
-    path = Path(directory)
-    if path.is_dir() and not (path / CONFIG_FILE).exists():
-        try:
-            return find_latest_checkpoint(path)
-        except CheckpointError:
-            pass  # nothing inside either: loading says what is missing
-    return path
-
-
 @dataclass
 class Inspection:
     """A checkpoint's anatomy and, with a prompt, its attention report and the chosen heatmap."""
@@ -321,6 +304,7 @@ class Inspection:
     anatomy: dict[str, Any]
     attention: AttentionReport | None = None
     heatmap: Heatmap | None = None
+    note: str | None = None  # how the checkpoint was chosen, when the user did not name it exactly
 
 
 def inspect_checkpoint(
@@ -342,8 +326,9 @@ def inspect_checkpoint(
         raise TformerError(f"{asked[0]} shows attention on a text, so it needs --prompt TEXT")
     if prompt is not None and not prompt.strip():
         raise TformerError("--prompt is empty; give the text whose attention to inspect")
-    ckpt = load_checkpoint(checkpoint_path(directory), device="cpu")
-    result = Inspection(ckpt, anatomy(ckpt))
+    path, note = resolve_checkpoint(directory)
+    ckpt = load_checkpoint(path, device="cpu")
+    result = Inspection(ckpt, anatomy(ckpt), note=note)
     if prompt is not None:
         stack, shown_layer = check_selection(ckpt.config, stack, layer, head)
         report = attention_report(ckpt, prompt, target)

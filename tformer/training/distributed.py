@@ -35,9 +35,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from tformer.checkpoint import load_state, unwrap_model
 from tformer.data.batches import IGNORE_INDEX
 from tformer.device import Precision
 from tformer.errors import CheckpointError, TformerError
+from tformer.model.transformer import Block, build_model
+from tformer.training.state import load_optimizer_tensors, optimizer_tensors
 
 TIMEOUT_ENV = "TFORMER_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0  # NCCL's own default; long enough for rank 0 to write a large checkpoint
@@ -303,7 +306,6 @@ def _fsdp():
 
 def is_sharded(model: nn.Module) -> bool:
     """True when `model` (or the module under torch.compile) was sharded with fully_shard."""
-    from tformer.checkpoint import unwrap_model
 
     return is_distributed() and isinstance(unwrap_model(model), _fsdp()[0])
 
@@ -327,7 +329,6 @@ def shard(model: nn.Module, fsdp: bool, precision: Precision, device: torch.devi
         raise _same_on_every_rank("--fsdp trains in bf16 or fp32; fp16 needs a gradient scaler shared by the "
                                   "shards, which tformer does not have: use --dtype bf16 (or fp32), or drop --fsdp")
     setup_single()
-    from tformer.model.transformer import Block
 
     _, MixedPrecisionPolicy, fully_shard = _fsdp()
     if precision.name == "bf16":
@@ -366,7 +367,6 @@ def micro_step(model: nn.Module, last: bool) -> Any:
     if isinstance(model, DistributedDataParallel):
         return nullcontext() if last else model.no_sync()
     if is_sharded(model):
-        from tformer.checkpoint import unwrap_model
 
         unwrap_model(model).set_requires_gradient_sync(last)
     return nullcontext()
@@ -399,7 +399,6 @@ def snapshot_for_saving(
 
     Every rank must call this (gathering a sharded model is a collective); the others get None.
     """
-    from tformer.training.state import optimizer_tensors
 
     if not is_sharded(model):
         return (model, optimizer_tensors(optimizer, model)) if is_main() else None
@@ -413,7 +412,6 @@ def snapshot_for_saving(
     optim = get_optimizer_state_dict(model, optimizer, options=options)
     if not is_main():
         return None
-    from tformer.model.transformer import build_model
 
     with torch.device("meta"):
         plain = build_model(model_cfg)  # no memory and no init: the gathered tensors are assigned to it
@@ -425,7 +423,6 @@ def snapshot_for_saving(
 
 def load_model_state(model: nn.Module, tensors: dict[str, Tensor], where: str) -> None:
     """Weights of a one-process checkpoint into `model`, sharded or not."""
-    from tformer.checkpoint import load_state, unwrap_model
 
     if not is_sharded(model):
         load_state(unwrap_model(model), tensors, where)
@@ -440,8 +437,6 @@ def load_model_state(model: nn.Module, tensors: dict[str, Tensor], where: str) -
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, tensors: dict[str, Tensor]) -> None:
     """Optimizer tensors by name (as `snapshot_for_saving` writes them) into `optimizer`, sharded or not."""
-    from tformer.checkpoint import unwrap_model
-    from tformer.training.state import load_optimizer_tensors
 
     if not is_sharded(model):
         load_optimizer_tensors(optimizer, model, tensors)

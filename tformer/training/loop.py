@@ -1,4 +1,9 @@
-"""The training loop."""
+"""The training loop: setup, the optimizer step, evaluation and logging, checkpoints and exact resume.
+
+A run directory (`--out`) holds `latest/` and `best/` (full checkpoints: weights, config, tokenizer,
+optimizer state, trainer state) and `metrics.jsonl` (one JSON line per log step). Each checkpoint
+directory is built aside and swapped in, so an interrupted save leaves the previous one loadable.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +28,6 @@ from tformer.checkpoint import (
     TOKENIZER_FILE,
     TRAINER_STATE_FILE,
     save_checkpoint,
-    unwrap_model,
 )
 from tformer.config import ModelConfig
 from tformer.data.batches import Batches, eval_batches
@@ -45,17 +49,16 @@ from tformer.training.evaluate import (
     have_sacrebleu,
     translate_sample,
 )
-from tformer.training.objectives import TrainData, _seq_tokens, forward_logits, loss_fn
+from tformer.training.objectives import (
+    TrainData,
+    forward_logits,
+    loss_fn,
+    sequence_tokens,
+)
 from tformer.training.optim import learning_rate, make_optimizer
 from tformer.training.plan import check_data, total_steps_for
-from tformer.training.state import METRICS_FILE, LoopState, _restore, _truncate_metrics
-
-"""The training loop: objectives, learning-rate schedules, evaluation, checkpoints and exact resume.
-
-A run directory (`--out`) holds `latest/` and `best/` (full checkpoints: weights, config, tokenizer,
-optimizer state, trainer state) and `metrics.jsonl` (one JSON line per log step). Each checkpoint
-directory is built aside and swapped in, so an interrupted save leaves the previous one loadable.
-"""
+from tformer.training.resume import restore, truncate_metrics
+from tformer.training.state import METRICS_FILE, LoopState
 
 
 @dataclass
@@ -132,157 +135,184 @@ def train(
     extra_config: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train `model_cfg` on `data` with `cfg`, saving checkpoints under `out`. See the module docstring."""
-    emit = on_event or (lambda kind, info: None)
-    stop = stop or StopFlag()
-    arch = model_cfg.arch
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.dtype, device)
-    total_steps = total_steps_for(cfg, data)
-    check_data(data, cfg)
-    torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg)
-    if init_from is not None:
-        model.load_state_dict(unwrap_model(init_from).state_dict())
-    model.to(device)
-    # distributed: --fsdp shards the model in place, before the optimizer sees its parameters
-    model = distributed.shard(model, cfg.fsdp, precision, device)
-    distributed.check_batch_size(cfg.batch_size)
-    optimizer = make_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_scaler)
-    batches = Batches(data.split("train", cfg), cfg.context, cfg.batch_size, cfg.seed,
-                      rank=distributed.rank(), world_size=distributed.world_size())  # distributed: this rank's rows
-    state = LoopState()
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / METRICS_FILE
-    if resume is not None:
-        state = _restore(resume, model, optimizer, scaler, batches, arch)
-        if distributed.is_main():  # distributed: rank 0 alone owns metrics.jsonl
-            _truncate_metrics(metrics_path, state.step)
-    elif distributed.is_main():
-        metrics_path.unlink(missing_ok=True)
-    compiled = torch.compile(model) if cfg.compile else model
-    compiled = distributed.wrap(compiled, device)  # distributed: DDP on more than one rank (unless sharded)
+    run = _Run(model_cfg, cfg, data, out, resume, init_from, on_event or (lambda kind, info: None),
+               stop or StopFlag(), extra_config or {})
+    return run.run()
 
-    config_doc = {"train": cfg.to_dict(), "data": data.source, **(extra_config or {})}
 
-    def save(name: str) -> Path:
-        target = out / name
-        # distributed: every rank joins (a sharded model is gathered), rank 0 alone writes
-        snapshot = distributed.snapshot_for_saving(model, optimizer, model_cfg)
-        if snapshot is None:
-            return target
-        with atomic_directory(target) as tmp:
-            save_checkpoint(tmp, snapshot[0], model_cfg, extra=config_doc)
-            shutil.copyfile(data.tokenizer_path, tmp / TOKENIZER_FILE)
-            save_file(snapshot[1], str(tmp / OPTIMIZER_FILE))
-            info = state.to_json(batches, scaler, {"arch": arch, "total_steps": total_steps})
-            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-            if metrics_path.exists():
-                shutil.copyfile(metrics_path, tmp / METRICS_FILE)
-        emit("save", {"path": str(target), "step": state.step})
-        return target
+class _Run:
+    """One training run: the model (`self.model`, plain or FSDP-sharded; `self.compiled`, what the step calls:
+    compiled and/or DDP-wrapped), its optimizer, batches and state, and the steps that move them."""
 
-    bleu = data.objective == "pairs" and have_sacrebleu()
-    if data.objective == "pairs" and not bleu:
-        emit("notice", {"message": "BLEU is skipped: it needs sacrebleu (pip install 'tformer[bleu]')"})
-    if bleu and distributed.is_sharded(model):  # distributed: decoding needs the whole model in one process
-        bleu = False
-        emit("notice", {"message": "BLEU is skipped under --fsdp: greedy decoding needs the whole model"})
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, data: TrainData, out: Path, resume: Path | None,
+                 init_from: nn.Module | None, emit: Event, stop: StopFlag, extra_config: dict[str, Any]):
+        self.model_cfg, self.cfg, self.data, self.out, self.emit, self.stop = model_cfg, cfg, data, out, emit, stop
+        self.arch = model_cfg.arch
+        self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.dtype, self.device)
+        self.total_steps = total_steps_for(cfg, data)
+        check_data(data, cfg)
+        torch.manual_seed(cfg.seed)
+        model = build_model(model_cfg)
+        if init_from is not None:
+            model.load_state_dict(init_from.state_dict())
+        model.to(self.device)
+        # distributed: --fsdp shards the model in place, before the optimizer sees its parameters
+        self.model = distributed.shard(model, cfg.fsdp, self.precision, self.device)
+        distributed.check_batch_size(cfg.batch_size)
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.needs_scaler)
+        self.batches = Batches(data.split("train", cfg), cfg.context, cfg.batch_size, cfg.seed,
+                               rank=distributed.rank(), world_size=distributed.world_size())  # this rank's rows
+        self.state = LoopState()
+        out.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = out / METRICS_FILE
+        if resume is not None:
+            self.state = restore(resume, self.model, self.optimizer, self.scaler, self.batches, self.arch)
+            if distributed.is_main():  # distributed: rank 0 alone owns metrics.jsonl
+                truncate_metrics(self.metrics_path, self.state.step)
+        elif distributed.is_main():
+            self.metrics_path.unlink(missing_ok=True)
+        compiled = torch.compile(self.model) if cfg.compile else self.model
+        self.compiled = distributed.wrap(compiled, self.device)  # distributed: DDP on more than one rank
+        self.config_doc = {"train": cfg.to_dict(), "data": data.source, **extra_config}
+        self.bleu = self._bleu_enabled()
+        self.world = distributed.world_size()  # distributed: tokens/s and MFU count all ranks
+        peak = peak_flops(self.device)
+        self.peak = None if peak is None else peak * self.world
+        layers = model_cfg.n_decoder_layers + (model_cfg.n_encoder_layers if model_cfg.has_encoder else 0)
+        self.n_params = self.model.num_parameters()
+        self.token_flops = flops_per_token(self.n_params, layers, model_cfg.d_model, cfg.context)
+        self.smoothing = cfg.label_smoothing if self.arch == "encoder-decoder" else 0.0
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
 
-    def run_eval() -> dict[str, float]:
-        val = eval_batches(data.split("val", cfg), cfg.context, cfg.batch_size, cfg.eval_batches, cfg.seed + 1)
+    def _bleu_enabled(self) -> bool:
+        pairs = self.data.objective == "pairs"
+        bleu = pairs and have_sacrebleu()
+        if pairs and not bleu:
+            self.emit("notice", {"message": "BLEU is skipped: it needs sacrebleu (pip install 'tformer[bleu]')"})
+        if bleu and distributed.is_sharded(self.model):  # distributed: decoding needs the whole model in one process
+            self.emit("notice", {"message": "BLEU is skipped under --fsdp: greedy decoding needs the whole model"})
+            return False
+        return bleu
+
+    def run(self) -> TrainResult:
+        cfg, state = self.cfg, self.state
+        self.emit("start", {"total_steps": self.total_steps, "step": state.step, "dtype": self.precision.name,
+                            "device": str(self.device) + distributed.describe(self.model),  # e.g. " x 8 ranks (DDP)"
+                            "parameters": self.n_params, "out": str(self.out)})
+        self.compiled.train()
+        self.started = time.perf_counter() - state.elapsed
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+        stopped = "done"
+        with open(self.metrics_path if distributed.is_main() else os.devnull, "a", encoding="utf-8") as metrics, \
+                deterministic_kernels(cfg.compile and self.device.type == "cpu"):
+            while state.step < self.total_steps:
+                step_loss = self.step()
+                last = state.step == self.total_steps
+                out_of_time = cfg.time_budget is not None and time.perf_counter() - self.started >= cfg.time_budget
+                halt = distributed.any_rank(self.stop.requested is not None or out_of_time)  # stop together
+                eval_now = state.step % cfg.eval_every == 0 or last or halt
+                if state.step % cfg.log_every == 0 or eval_now:
+                    self.log(step_loss, eval_now, metrics)
+                if state.step % cfg.save_every == 0 or last or halt:
+                    self.check_finite("the last good checkpoint in '{out}' is kept (try a lower --lr)")
+                    state.elapsed = time.perf_counter() - self.started
+                    self.save("latest")
+                if halt:
+                    stopped = "interrupted" if self.stop.requested else "time budget"
+                    break
+        return TrainResult(self.out, state.step, self.total_steps, state.tokens_seen,
+                           time.perf_counter() - self.started, state.train_loss, state.val, state.best_val_loss,
+                           stopped, distributed.local_model(self.model))
+
+    def step(self) -> torch.Tensor:
+        """One optimizer step over `grad_accum` micro-batches; returns the step's loss (on the device)."""
+        cfg, state, device = self.cfg, self.state, self.device
+        lr = learning_rate(state.step, cfg, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = torch.zeros((), device=device)
+        step_tokens = 0
+        pin = device.type == "cuda"
+        for micro in range(cfg.grad_accum):
+            host_batch = next(self.batches)
+            step_tokens += sequence_tokens(host_batch) * self.world  # counted on the CPU copy: no GPU sync
+            # pinned memory makes the copy truly asynchronous (from pageable memory it blocks the host)
+            batch = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in host_batch.items()}
+            # distributed: gradients are reduced across ranks in the last micro-batch's backward only
+            with distributed.micro_step(self.compiled, last=micro == cfg.grad_accum - 1):
+                with self.precision.autocast(device):
+                    logits = forward_logits(self.compiled, self.arch, batch)
+                loss = loss_fn(logits, batch["labels"], self.smoothing) / cfg.grad_accum
+                self.scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        # checked on the device and read only when logging: no host sync in the step
+        self.nonfinite |= ~torch.isfinite(step_loss)
+        if cfg.clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.lr = lr
+        state.tokens_seen += step_tokens
+        self.window_tokens += step_tokens
+        return step_loss
+
+    def check_finite(self, keeps: str) -> None:
+        """Stop with one line once a NaN or infinity has reached the loss (read only here: a host sync)."""
+        if distributed.any_true(self.nonfinite):
+            raise TformerError(f"the loss became NaN or infinite by step {self.state.step}; training stopped and "
+                               + keeps.format(out=self.out))
+
+    def log(self, step_loss: torch.Tensor, eval_now: bool, metrics: Any) -> None:
+        """A metrics line (and, when due, an evaluation and the best checkpoint)."""
+        state = self.state
+        self.check_finite("the last good checkpoint in '{out}' is kept (try a lower --lr or --clip)")
+        now = time.perf_counter()
+        state.train_loss = distributed.mean(step_loss).item()  # distributed: the global batch's loss
+        state.elapsed = now - self.started
+        line = {"step": state.step, "loss": state.train_loss, "lr": state.lr, "tokens": state.tokens_seen,
+                "tokens_per_s": self.window_tokens / max(now - self.window_start, 1e-9), "time": state.elapsed}
+        if self.peak is not None:
+            line["mfu"] = self.token_flops * line["tokens_per_s"] / self.peak
+        if eval_now:
+            state.val = self.evaluate()
+            line.update(state.val)
+            if state.val and (state.best_val_loss is None or state.val["val_loss"] < state.best_val_loss):
+                state.best_val_loss = state.val["val_loss"]
+                self.save("best")
+        metrics.write(json.dumps(line) + "\n")
+        metrics.flush()
+        self.emit("log", line)
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+
+    def evaluate(self) -> dict[str, float]:
+        cfg = self.cfg
+        val = eval_batches(self.data.split("val", cfg), cfg.context, cfg.batch_size, cfg.eval_batches, cfg.seed + 1)
         val = distributed.my_share(val)  # distributed: batch i on rank i % world_size
-        metrics = evaluate(compiled, arch, val, device, precision)
-        if bleu and metrics:
-            hypotheses, references = translate_sample(model, data, BLEU_SAMPLE, cfg.context)
+        metrics = evaluate(self.compiled, self.arch, val, self.device, self.precision)
+        if self.bleu and metrics:
+            hypotheses, references = translate_sample(self.model, self.data, BLEU_SAMPLE, cfg.context)
             if hypotheses:
                 metrics["val_bleu"] = corpus_bleu(hypotheses, references)
         return metrics
 
-    emit("start", {"total_steps": total_steps, "step": state.step, "dtype": precision.name,
-                   "device": str(device) + distributed.describe(model),  # distributed: e.g. " x 8 ranks (DDP)"
-                   "parameters": unwrap_model(model).num_parameters(), "out": str(out)})
-    peak = peak_flops(device)
-    world = distributed.world_size()  # distributed: tokens/s and MFU count all ranks
-    pin = device.type == "cuda"
-    if peak is not None:
-        peak *= world
-    layers = model_cfg.n_decoder_layers + (model_cfg.n_encoder_layers if model_cfg.has_encoder else 0)
-    token_flops = flops_per_token(unwrap_model(model).num_parameters(), layers, model_cfg.d_model, cfg.context)
-    compiled.train()
-    smoothing = cfg.label_smoothing if arch == "encoder-decoder" else 0.0
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    started = time.perf_counter() - state.elapsed
-    window_start, window_tokens = time.perf_counter(), 0
-    stopped = "done"
-    with open(metrics_path if distributed.is_main() else os.devnull, "a", encoding="utf-8") as metrics, \
-            deterministic_kernels(cfg.compile and device.type == "cpu"):
-        while state.step < total_steps:
-            lr = learning_rate(state.step, cfg, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = torch.zeros((), device=device)
-            step_tokens = 0
-            for micro in range(cfg.grad_accum):
-                host_batch = next(batches)
-                step_tokens += _seq_tokens(host_batch) * world  # counted on the CPU copy: no GPU sync
-                # pinned memory makes the copy truly asynchronous (from pageable memory it blocks the host)
-                batch = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in host_batch.items()}
-                # distributed: gradients are reduced across ranks in the last micro-batch's backward only
-                with distributed.micro_step(compiled, last=micro == cfg.grad_accum - 1):
-                    with precision.autocast(device):
-                        logits = forward_logits(compiled, arch, batch)
-                    loss = loss_fn(logits, batch["labels"], smoothing) / cfg.grad_accum
-                    scaler.scale(loss).backward()
-                step_loss += loss.detach()
-            # checked on the device and read only when logging: no host sync in the step
-            nonfinite |= ~torch.isfinite(step_loss)
-            if cfg.clip > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.lr = lr
-            state.tokens_seen += step_tokens
-            window_tokens += step_tokens
-            last = state.step == total_steps
-            out_of_time = cfg.time_budget is not None and time.perf_counter() - started >= cfg.time_budget
-            halt = distributed.any_rank(stop.requested is not None or out_of_time)  # distributed: stop together
-            eval_now = state.step % cfg.eval_every == 0 or last or halt
-
-            if state.step % cfg.log_every == 0 or eval_now:
-                if distributed.any_true(nonfinite):
-                    raise TformerError(
-                        f"the loss became NaN or infinite by step {state.step}; training stopped and the last "
-                        f"good checkpoint in '{out}' is kept (try a lower --lr or --clip)"
-                    )
-                now = time.perf_counter()
-                state.train_loss = distributed.mean(step_loss).item()  # distributed: the global batch's loss
-                state.elapsed = now - started
-                line = {"step": state.step, "loss": state.train_loss, "lr": lr, "tokens": state.tokens_seen,
-                        "tokens_per_s": window_tokens / max(now - window_start, 1e-9), "time": state.elapsed}
-                if peak is not None:
-                    line["mfu"] = token_flops * line["tokens_per_s"] / peak
-                if eval_now:
-                    state.val = run_eval()
-                    line.update(state.val)
-                    if state.val and (state.best_val_loss is None or state.val["val_loss"] < state.best_val_loss):
-                        state.best_val_loss = state.val["val_loss"]
-                        save("best")
-                metrics.write(json.dumps(line) + "\n")
-                metrics.flush()
-                emit("log", line)
-                window_start, window_tokens = time.perf_counter(), 0
-            if state.step % cfg.save_every == 0 or last or halt:
-                if distributed.any_true(nonfinite):  # never save weights a NaN has reached
-                    raise TformerError(f"the loss became NaN or infinite by step {state.step}; the last good "
-                                       f"checkpoint in '{out}' is kept (try a lower --lr)")
-                state.elapsed = time.perf_counter() - started
-                save("latest")
-            if halt:
-                stopped = "interrupted" if stop.requested else "time budget"
-                break
-    return TrainResult(out, state.step, total_steps, state.tokens_seen, time.perf_counter() - started,
-                       state.train_loss, state.val, state.best_val_loss, stopped, distributed.local_model(model))
+    def save(self, name: str) -> Path:
+        target = self.out / name
+        # distributed: every rank joins (a sharded model is gathered), rank 0 alone writes
+        snapshot = distributed.snapshot_for_saving(self.model, self.optimizer, self.model_cfg)
+        if snapshot is None:
+            return target
+        with atomic_directory(target) as tmp:
+            save_checkpoint(tmp, snapshot[0], self.model_cfg, extra=self.config_doc)
+            shutil.copyfile(self.data.tokenizer_path, tmp / TOKENIZER_FILE)
+            save_file(snapshot[1], str(tmp / OPTIMIZER_FILE))
+            info = self.state.to_json(self.batches, self.scaler, {"arch": self.arch, "total_steps": self.total_steps})
+            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+            if self.metrics_path.exists():
+                shutil.copyfile(self.metrics_path, tmp / METRICS_FILE)
+        self.emit("save", {"path": str(target), "step": self.state.step})
+        return target

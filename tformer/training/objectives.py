@@ -59,7 +59,7 @@ def loss_fn(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Ten
     )
 
 
-def _seq_tokens(batch: dict[str, Tensor]) -> int:
+def sequence_tokens(batch: dict[str, Tensor]) -> int:
     if "src" in batch:
         return int(batch["src_mask"].sum() + batch["tgt_mask"].sum())
     return batch["idx"].numel()

@@ -14,7 +14,12 @@ from typing import Any
 
 from torch import nn
 
-from tformer.checkpoint import TOKENIZER_FILE
+from tformer.checkpoint import (
+    TOKENIZER_FILE,
+    load_checkpoint,
+    read_config,
+    resolve_checkpoint,
+)
 from tformer.config import ModelConfig
 from tformer.data.batches import steps_per_epoch
 from tformer.device import resolve_device, resolve_precision
@@ -23,7 +28,7 @@ from tformer.files import recover_directory
 from tformer.training.config import TrainConfig
 from tformer.training.objectives import OBJECTIVES, TrainData
 from tformer.training.options import read_toml, resolve_configs
-from tformer.training.state import resume_dir
+from tformer.training.resume import resume_dir
 
 
 def total_steps_for(cfg: TrainConfig, data: TrainData) -> int:
@@ -84,6 +89,7 @@ class RunPlan:
     init_model: nn.Module | None = None
     extra_config: dict[str, Any] = field(default_factory=dict)
     sample: Callable[[nn.Module], str] | None = None
+    notes: list[str] = field(default_factory=list)  # how inputs were understood (e.g. which checkpoint)
 
 
 TOKENS_SUBDIR = "data"  # raw text is tokenized into <out>/data, and reused while the corpus is unchanged
@@ -168,8 +174,7 @@ def plan_run(
     on_tokenize: Callable | None = None,
 ) -> RunPlan:
     """Resolve what `tformer train` was given into a RunPlan, checking everything before any file is written."""
-    from tformer.checkpoint import load_checkpoint, read_config
-
+    notes: list[str] = []
     flags = {k: v for k, v in options.items() if v is not None}
     options = {**(read_toml(Path(config_file)) if config_file else {}), **flags}
     if resume is not None and init_from is not None:
@@ -199,7 +204,10 @@ def plan_run(
         if not corpus and data_dir:
             corpus = [Path(data_dir)]
     elif init_from is not None:
-        ckpt = load_checkpoint(init_from)
+        init_path, note = resolve_checkpoint(init_from)
+        if note:
+            notes.append(note)
+        ckpt = load_checkpoint(init_path)
         if ckpt.tokenizer_path is None:
             raise TformerError(f"'{init_from}' has no tokenizer.json; --init-from needs the checkpoint's tokenizer")
         if arch is not None and arch != ckpt.config.arch:
@@ -218,10 +226,12 @@ def plan_run(
     if out is None:
         out = Path("checkpoints") / f"{_corpus_name(corpus)}-{model_cfg.arch}"
     with _removed_on_error(out):
-        return _plan_data(corpus, out, model_cfg, train_cfg, force=force, kind=kind, vocab_size=vocab_size,
+        plan = _plan_data(corpus, out, model_cfg, train_cfg, force=force, kind=kind, vocab_size=vocab_size,
                           tokenizer=tokenizer, on_tokenize=on_tokenize, base_model=base_model,
                           ckpt_dir=ckpt_dir, ckpt_tokenizer=ckpt_tokenizer, init_from=init_from,
                           init_model=init_model)
+    plan.notes = notes
+    return plan
 
 
 @contextmanager
