@@ -10,6 +10,13 @@ import torch
 from tformer.errors import ConfigError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# torch's own names are accepted for --dtype too.
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32"}
+
+
+def canonical_dtype(name: str) -> str:
+    """`bfloat16` -> `bf16` (and the like); other names as given."""
+    return DTYPE_ALIASES.get(name, name) if isinstance(name, str) else name
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -53,13 +60,15 @@ class Precision:
 def resolve_precision(name: str, device: torch.device) -> Precision:
     """`auto`: bf16 on a GPU that supports it, else fp16 (with a GradScaler when training) on CUDA,
     fp32 on the CPU and MPS. Also turns TF32 matmuls on for CUDA."""
+    name = canonical_dtype(name)
     if name == "auto":
         if device.type == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
             name = "fp32"
     if name not in _DTYPES:
-        raise ConfigError(f"--dtype {name!r} is not allowed; choose one of: auto, fp32, bf16, fp16")
+        raise ConfigError(f"--dtype {name!r} is not allowed; choose one of: auto, fp32 (float32), bf16 (bfloat16), "
+                          "fp16 (float16)")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

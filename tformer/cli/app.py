@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+THREADS_HELP = ("CPU threads for torch (default: one per core). On a machine busy with other work, fewer threads "
+                "(often 1) run much faster: threads that wait for a core stall each other.")
 CHECKPOINT_HELP = ("A checkpoint directory (ours, or a Hugging Face one), a training run's directory (its newest "
                    "checkpoint), or a directory of runs (the newest checkpoint below it). Default: the newest under "
                    "checkpoints/.")
@@ -36,6 +39,17 @@ def print_error(message: str) -> None:
 def print_note(message: str) -> None:
     """A note to stderr (how an input was understood, what was cut), never mixed into the output."""
     err_console.print(f"[yellow]note:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def set_threads(threads: int | None) -> None:
+    """--threads: torch's intra-op threads for this run (None: what torch picks, one per core)."""
+    if threads is None:
+        return
+    import torch
+
+    if threads < 1:
+        fail(f"--threads {threads} is not allowed; give a whole number >= 1 (at most the cores: {os.cpu_count()})", 2)
+    torch.set_num_threads(threads)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

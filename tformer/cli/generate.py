@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from tformer.cli.app import CHECKPOINT_HELP, app, err_console, print_note, user_errors
-from tformer.generation.config import GenerateConfig
+from tformer.cli.app import (
+    CHECKPOINT_HELP,
+    THREADS_HELP,
+    app,
+    err_console,
+    print_note,
+    set_threads,
+    user_errors,
+)
+from tformer.generation.config import DEFAULT_NEW_TOKENS, GenerateConfig
 
 
 # --- generate ---
@@ -21,7 +30,10 @@ def generate(
                                                show_default=False),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help=CHECKPOINT_HELP,
                                               show_default=False),
-    max_new_tokens: int = typer.Option(GenerateConfig.max_new_tokens, "--max-new-tokens", "-n", help="Tokens to generate per completion."),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, "--max-new-tokens", "-n", show_default=False,
+        help=f"Tokens to generate per completion. Default: what fits the context after the prompt (at most "
+             f"{DEFAULT_NEW_TOKENS})."),
     temperature: float = typer.Option(GenerateConfig.temperature, help="Sampling temperature; 0 is greedy, whatever the options below say."),
     top_k: int = typer.Option(GenerateConfig.top_k, "--top-k", help="Sample from the k most likely tokens only (0: off)."),
     top_p: float = typer.Option(GenerateConfig.top_p, "--top-p", help="Nucleus sampling: the most likely tokens up to probability p."),
@@ -32,14 +44,22 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="Random seed: same seed, same text. Default: a fresh one.",
                                        show_default=False),
     num_samples: int = typer.Option(GenerateConfig.num_samples, "--num-samples", help="Completions per prompt."),
-    beams: int = typer.Option(GenerateConfig.beams, help="Beam search with this many beams (deterministic)."),
+    beams: Optional[int] = typer.Option(None, help="Beam search with this many beams (deterministic; 1 is greedy "
+                                        "decoding). Default: no beam search.", show_default=False),
     length_penalty: float = typer.Option(GenerateConfig.length_penalty, "--length-penalty", help="Beam score = log-prob / length^this."),
     early_stopping: bool = typer.Option(GenerateConfig.early_stopping, "--early-stopping/--no-early-stopping",
-                                        help="End beam search once --beams hypotheses have finished."),
-    top: int = typer.Option(GenerateConfig.fill_top, help="Fill-mask: candidates shown for each <mask>."),
+                                        help="End beam search as soon as --beams hypotheses have finished (faster; "
+                                             "can miss a better running beam)."),
+    fill_top: int = typer.Option(GenerateConfig.fill_top, "--fill-top", "--top",
+                                 help="Fill-mask: candidates shown for each <mask> (--top is the old name)."),
+    show_special: bool = typer.Option(GenerateConfig.show_special, "--show-special",
+                                      help="Print special tokens (<pad>, <unk>, ...) in completions; --json always "
+                                           "keeps their ids."),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP, show_default=False),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence every step (slow; a check)."),
     device: str = typer.Option("auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16 or fp16."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16 or fp16 (or float32, "
+                              "bfloat16, float16)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (CUDA graphs on a GPU)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the generated text: no timings or notes."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document (prompts, completions, token ids, "
@@ -58,14 +78,15 @@ def generate(
         if not quiet:
             print_note(message)
 
+    set_threads(threads)
     with user_errors():
         stdin = None if prompt is not None or prompt_file is not None or sys.stdin.isatty() else sys.stdin.read()
         prompts = read_prompts(prompt, prompt_file, stdin)
         cfg = GenerateConfig(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed, num_samples=num_samples,
-            beams=beams, length_penalty=length_penalty, early_stopping=early_stopping, use_cache=not no_cache,
-            compile=compile, fill_top=top,
+            beams=1 if beams is None else beams, length_penalty=length_penalty, early_stopping=early_stopping, use_cache=not no_cache,
+            compile=compile, fill_top=fill_top, show_special=show_special,
         )
         loaded = load(checkpoint, device=device, dtype=dtype)
         header = {"checkpoint": str(loaded.path), "arch": loaded.config.arch}
@@ -84,7 +105,9 @@ def generate(
                     print(f"  <mask> {i}: " + "  ".join(f"{c.token!r} {c.prob:.3f}" for c in candidates))
             return
 
-        streaming = not json_out and len(prompts) * (1 if beams > 1 else num_samples) == 1 and beams == 1
+        if beams == 1:  # one beam is greedy decoding
+            cfg = dataclasses.replace(cfg, temperature=0.0)
+        streaming = not json_out and len(prompts) * num_samples == 1 and cfg.beams == 1
 
         echo = [prompts[0] if loaded.config.arch == "decoder" else ""]  # a decoder's prompt is shown first
 

@@ -12,12 +12,14 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from tformer.checkpoint import unwrap_model
-from tformer.data.tokenizer import SpecialIds, special_ids
+from tformer.data.tokenizer import SpecialIds, special_ids, token_bytes_of
 from tformer.errors import ConfigError
 from tformer.generation.config import GenerateConfig
 from tformer.generation.engine import device_dtype, dtype_name, make_window, sync
 from tformer.generation.prompts import prepare
 from tformer.generation.results import Completion, GenerateResult, Timings
+from tformer.generation.sampling import never_sampled
+from tformer.generation.stream import hidden_tokens
 from tformer.generation.window import left_pad
 
 
@@ -75,7 +77,7 @@ def _finished(hyps: _Hypotheses, chosen: list[tuple[float, int, int]], early_sto
 
 def _beam_search(
     model: nn.Module, prompts: list[list[int]], cfg: GenerateConfig, eos: int | None, max_new: int,
-    memory: Tensor | None = None, memory_mask: Tensor | None = None, pad: int = 0,
+    memory: Tensor | None = None, memory_mask: Tensor | None = None, pad: int = 0, banned: Sequence[int] = (),
 ) -> tuple[list[_Hypotheses], Timings]:
     """Beam search over `cfg.beams` beams per prompt. Scores are sums of log-probabilities; a
     hypothesis ends at <eos> (which counts in its length) and is ranked by score / length ** length_penalty."""
@@ -92,6 +94,7 @@ def _beam_search(
     seqs: list[list[int]] = [[] for _ in range(B * n)]
     scores = torch.zeros(B, n, device=device)
     scores[:, 1:] = float("-inf")  # all beams start equal: let only the first one expand at step 0
+    banned_ids = torch.tensor(sorted(set(banned)), dtype=torch.long, device=device) if banned else None
     timings = Timings(str(device), dtype_name(dtype), B * n, P, 0.0, 0, cache=cfg.use_cache)
     try:
         sync(device)
@@ -99,6 +102,8 @@ def _beam_search(
         logits = window.prefill(ids, real)
         for t in range(max_new):
             logprobs = F.log_softmax(logits.float(), dim=-1)  # (B * n, V)
+            if banned_ids is not None:
+                logprobs = logprobs.index_fill(-1, banned_ids, float("-inf"))
             candidates = (scores.view(-1, 1) + logprobs).view(B, n * V)
             top_scores, top_index = candidates.topk(min(2 * n, n * V), dim=1)
             top_scores, top_index = top_scores.tolist(), top_index.tolist()
@@ -153,21 +158,25 @@ def beam_search(
     model = unwrap_model(model)
     prep = prepare(model, tokenizer, prompts, specials)
     ctx = model.cfg.max_seq_len
-    max_new = min(cfg.max_new_tokens, ctx - max(len(s) for s in prep.starts) + 1)
-    if max_new < cfg.max_new_tokens:
+    longest = max(len(s) for s in prep.starts)
+    max_new = min(cfg.new_tokens(ctx, longest), ctx - longest + 1)
+    if cfg.max_new_tokens is not None and max_new < cfg.max_new_tokens:
         prep.notices.append(f"beam search does not slide the context window: stopping after {max_new} new tokens "
                             f"(context {ctx})")
     if cfg.compile:
         prep.notices.append("--compile applies to greedy and sampled decoding: beam search runs without it")
+    banned = never_sampled(specials, token_bytes_of(tokenizer) is not None)
     hyps, timings = _beam_search(model, prep.starts, cfg, specials.eos, max_new, prep.memory, prep.memory_mask,
-                                 prep.pad)
+                                 prep.pad, banned)
     timings = prep.time(timings)
     completions = []
+    hidden = frozenset() if cfg.show_special else hidden_tokens(specials)
     for i, h in enumerate(hyps):
         beams = []
         for score, ids, reason in h.items:
             shown = ids[:-1] if reason == "eos" else ids
-            beams.append({"text": tokenizer.decode(shown, skip_special_tokens=False), "token_ids": shown,
+            text = tokenizer.decode([i for i in shown if i not in hidden], skip_special_tokens=False)
+            beams.append({"text": text, "token_ids": shown,
                           "score": score, "finish_reason": reason})
         for s, beam in enumerate(beams[:cfg.num_samples]):
             completions.append(Completion(prompts[i], beam["text"], beam["token_ids"], prep.prompt_tokens[i],

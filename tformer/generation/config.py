@@ -11,12 +11,15 @@ from tformer.errors import ConfigError
 
 # -- options --------------------------------------------------------------------------------------
 
+DEFAULT_NEW_TOKENS = 200
+
+
 @dataclass
 class GenerateConfig:
     """How to generate. Sampling applies, in this order: repetition penalty, top-k, temperature,
     top-p, min-p (see `process_logits`); temperature 0 is greedy (argmax) whatever the others say."""
 
-    max_new_tokens: int = 200
+    max_new_tokens: int | None = None  # None: what fits the context after the prompt, at most DEFAULT_NEW_TOKENS
     temperature: float = 0.8
     top_k: int = 50  # keep the k most likely tokens; 0: off
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p; 1: off
@@ -27,10 +30,13 @@ class GenerateConfig:
     num_samples: int = 1  # completions per prompt
     beams: int = 1  # > 1: beam search (deterministic; sampling options are ignored)
     length_penalty: float = 1.0  # beam score = sum of log-probs / length ** length_penalty
-    early_stopping: bool = True  # beam search ends once `beams` finished hypotheses exist
+    # True: a prompt's search ends once `beams` hypotheses have finished, even while a running beam could still
+    # beat them; False (as transformers): only once none can, so beams never do worse than greedy on a good model
+    early_stopping: bool = False
     use_cache: bool = True  # False: recompute the whole window at every step (slow; the oracle)
     compile: bool = False  # torch.compile the decode step (CUDA graphs on a GPU)
     fill_top: int = 5  # fill-mask: candidates shown per <mask>
+    show_special: bool = False  # print special tokens (<pad>, <unk>, ...) in completions; token ids keep them
 
     def __post_init__(self) -> None:
         self.stop = tuple(self.stop)
@@ -38,7 +44,8 @@ class GenerateConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first option out of range and the allowed range."""
-        _int_at_least("max_new_tokens", self.max_new_tokens, 1)
+        if self.max_new_tokens is not None:
+            _int_at_least("max_new_tokens", self.max_new_tokens, 1)
         _int_at_least("top_k", self.top_k, 0)
         _int_at_least("num_samples", self.num_samples, 1)
         _int_at_least("beams", self.beams, 1)
@@ -52,6 +59,13 @@ class GenerateConfig:
             _int_at_least("seed", self.seed, 0)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ConfigError("stop strings must be non-empty text")
+
+    def new_tokens(self, context: int, prompt_tokens: int) -> int:
+        """Tokens to generate per row: max_new_tokens, or by default what fits the context after the longest
+        prompt (at most DEFAULT_NEW_TOKENS, at least 1), so a default run never slides the window."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        return max(1, min(DEFAULT_NEW_TOKENS, context - prompt_tokens))
 
     @property
     def greedy(self) -> bool:

@@ -21,7 +21,7 @@ it stops at the context.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -165,15 +165,16 @@ class _Feed:
 
 def decode(
     model: nn.Module, prompts: list[list[int]], rows: list[Row], cfg: GenerateConfig, seed: int,
-    memory: Tensor | None = None, memory_mask: Tensor | None = None, pad: int = 0,
+    memory: Tensor | None = None, memory_mask: Tensor | None = None, pad: int = 0, banned: Sequence[int] = (),
 ) -> tuple[Timings, int]:
     """Greedy or sampled decoding of a batch of prompts (left-padded); fills `rows`; returns the timings
-    and how many times the window slid."""
+    and how many times the window slid. `banned` tokens are never chosen."""
     device, dtype = device_dtype(model)
-    B, N, ctx = len(prompts), cfg.max_new_tokens, model.cfg.max_seq_len
+    B, ctx = len(prompts), model.cfg.max_seq_len
     ids, real = left_pad(prompts, pad, device)
+    N = cfg.new_tokens(ctx, ids.size(1))
     size = min(ids.size(1) + N - 1, ctx)  # the last token is never fed back, so it needs no slot
-    sampler = Sampler(cfg, B, model.cfg.vocab_size, device, seed, ids, real)
+    sampler = Sampler(cfg, B, model.cfg.vocab_size, device, seed, ids, real, banned)
     window = make_window(model, B, size, max(1, ctx // 2), cfg.use_cache, sampler.choose, memory, memory_mask,
                          cfg.compile)
     timings = Timings(str(device), dtype_name(dtype), B, ids.size(1), 0.0, 0, cache=cfg.use_cache)

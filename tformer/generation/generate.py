@@ -17,7 +17,8 @@ from tformer.generation.config import GenerateConfig
 from tformer.generation.engine import decode, device_dtype
 from tformer.generation.prompts import prepare
 from tformer.generation.results import Completion, GenerateResult
-from tformer.generation.stream import OnText, Row
+from tformer.generation.sampling import never_sampled
+from tformer.generation.stream import OnText, Row, hidden_tokens
 
 
 @torch.no_grad()
@@ -43,12 +44,13 @@ def generate(
     k = cfg.num_samples
     seed = cfg.seed if cfg.seed is not None else (None if cfg.greedy else random.randrange(2**31))
     token_bytes = token_bytes_of(tokenizer)
-    rows = [Row(r, tokenizer, specials.eos, cfg.stop, on_text, token_bytes) for r in range(len(prompts) * k)]
+    hidden = frozenset() if cfg.show_special else hidden_tokens(specials)
+    rows = [Row(r, tokenizer, specials.eos, cfg.stop, on_text, token_bytes, hidden) for r in range(len(prompts) * k)]
     memory, memory_mask = prep.memory, prep.memory_mask
     if memory is not None:
         memory, memory_mask = memory.repeat_interleave(k, 0), memory_mask.repeat_interleave(k, 0)
     timings, slides = decode(model, [prep.starts[r // k] for r in range(len(rows))], rows, cfg, seed or 0,
-                             memory, memory_mask, prep.pad)
+                             memory, memory_mask, prep.pad, never_sampled(specials, token_bytes is not None))
     timings = prep.time(timings)
     if slides:
         ctx = model.cfg.max_seq_len

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
+from tformer.data.tokenizer import SpecialIds
 from tformer.generation.config import GenerateConfig
 
 
@@ -43,12 +46,15 @@ def process_logits(logits: Tensor, cfg: GenerateConfig, seen: Tensor | None = No
 
 def sample_logits(
     logits: Tensor, cfg: GenerateConfig, seen: Tensor | None = None,
-    noise: Tensor | None = None, generator: torch.Generator | None = None,
+    noise: Tensor | None = None, generator: torch.Generator | None = None, banned: Tensor | None = None,
 ) -> Tensor:
     """The next token (B,) from logits (B, V): the argmax at temperature 0, else a draw from the
     processed distribution. The draw is argmax(p / E) with E ~ Exp(1) per token (`noise`, or drawn
     from `generator`), an exact categorical sample that needs no host sync, unlike torch.multinomial.
+    Tokens in `banned` (B,) ids are never chosen.
     """
+    if banned is not None:
+        logits = logits.index_fill(-1, banned, float("-inf"))
     logits = process_logits(logits, cfg, seen)
     if cfg.greedy:
         return logits.argmax(dim=-1)
@@ -67,8 +73,9 @@ class Sampler:
     """
 
     def __init__(self, cfg: GenerateConfig, batch: int, vocab_size: int, device: torch.device, seed: int,
-                 prompt_ids: Tensor | None = None, prompt_real: Tensor | None = None):
+                 prompt_ids: Tensor | None = None, prompt_real: Tensor | None = None, banned: Sequence[int] = ()):
         self.cfg = cfg
+        self.banned = torch.tensor(sorted(set(banned)), dtype=torch.long, device=device) if banned else None
         self.seen: Tensor | None = None  # (B, V) bool: tokens of each row's prompt and output
         if cfg.repetition_penalty != 1.0:
             self.seen = torch.zeros(batch, vocab_size, dtype=torch.bool, device=device)
@@ -93,9 +100,16 @@ class Sampler:
 
     def choose(self, logits: Tensor, seen: Tensor | None, noise: Tensor | None) -> Tensor:
         """The next token (B,) from logits (B, V): a pure function of its arguments, so it compiles."""
-        return sample_logits(logits, self.cfg, seen, noise)
+        return sample_logits(logits, self.cfg, seen, noise, banned=self.banned)
 
     def observe(self, tokens: Tensor) -> None:
         """Record the chosen tokens (B,) for the repetition penalty."""
         if self.seen is not None:
             self.seen[torch.arange(tokens.size(0), device=tokens.device), tokens] = True
+
+
+def never_sampled(specials: SpecialIds, byte_fallback: bool) -> list[int]:
+    """Special tokens a completion never contains: <pad>, <mask>, <bos> (unless it is also the <eos>, as GPT-2's
+    <|endoftext|> is), and <unk> where the tokenizer can spell any text without it. <eos> stays: it stops a row."""
+    ids = [specials.pad, specials.mask, specials.bos] + ([specials.unk] if byte_fallback else [])
+    return [i for i in ids if i is not None and i != specials.eos]

@@ -10,10 +10,16 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from tformer.data.tokenizer import token_bytes_of
+from tformer.data.tokenizer import SpecialIds, token_bytes_of
 
 OnText = Callable[[int, str], None]
 """on_text(row, text): called with each new piece of a row's completion, whole characters only."""
+
+
+def hidden_tokens(specials: SpecialIds) -> frozenset[int]:
+    """The special tokens a completion's text leaves out (their ids stay in the token ids): all but <eos>,
+    which ends the row instead."""
+    return frozenset(i for i in specials.to_dict().values() if i is not None and i != specials.eos)
 
 
 class Row:
@@ -28,8 +34,10 @@ class Row:
     """
 
     def __init__(self, index: int, tokenizer: Tokenizer, eos: int | None, stops: Sequence[str],
-                 on_text: OnText | None, token_bytes: Callable[[int], bytes] | None = None):
+                 on_text: OnText | None, token_bytes: Callable[[int], bytes] | None = None,
+                 hidden: frozenset[int] = frozenset()):
         self.index, self.tokenizer, self.eos, self.stops, self.on_text = index, tokenizer, eos, stops, on_text
+        self.hidden = hidden  # ids kept in `ids` but not shown in the text (special tokens)
         self.ids: list[int] = []
         self.text = ""  # whole characters decoded so far
         self.sent = 0  # characters of self.text already handed to on_text
@@ -50,6 +58,8 @@ class Row:
             self.finish("eos")
             return
         self.ids.append(token)
+        if token in self.hidden:
+            return
         if self._utf8 is not None:
             new = self._utf8.decode(self._bytes(token))
             if new:
@@ -62,7 +72,8 @@ class Row:
             self._extend(after[len(before):])
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False) if ids else ""
+        shown = [i for i in ids if i not in self.hidden]
+        return self.tokenizer.decode(shown, skip_special_tokens=False) if shown else ""
 
     def _extend(self, new: str) -> None:
         start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0))

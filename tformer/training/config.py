@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tformer.config import PRESETS, _choice, _from_dict, _positive_int
+from tformer.device import DTYPE_ALIASES
 from tformer.errors import ConfigError
 
 # -- training -----------------------------------------------------------------------------------
@@ -52,6 +53,7 @@ class TrainConfig:
     mean_span: float = 3.0  # mean span length of the span-corruption objective
 
     def __post_init__(self) -> None:
+        self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype) if isinstance(self.dtype, str) else self.dtype
         self.validate()
 
     def validate(self) -> None:
