@@ -12,13 +12,12 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from tformer.checkpoint import unwrap_model
-from tformer.data.tokenizer import SpecialIds, special_ids, token_bytes_of
+from tformer.data.tokenizer import SpecialIds, special_ids
 from tformer.errors import ConfigError
 from tformer.generation.config import GenerateConfig
 from tformer.generation.engine import device_dtype, dtype_name, make_window, sync
 from tformer.generation.prompts import prepare
 from tformer.generation.results import Completion, GenerateResult, Timings
-from tformer.generation.sampling import never_sampled
 from tformer.generation.stream import hidden_tokens
 from tformer.generation.window import left_pad
 
@@ -77,7 +76,7 @@ def _finished(hyps: _Hypotheses, chosen: list[tuple[float, int, int]], early_sto
 
 def _beam_search(
     model: nn.Module, prompts: list[list[int]], cfg: GenerateConfig, eos: int | None, max_new: int,
-    memory: Tensor | None = None, memory_mask: Tensor | None = None, pad: int = 0, banned: Sequence[int] = (),
+    memory: Tensor | None = None, memory_mask: Tensor | None = None, pad: int = 0,
 ) -> tuple[list[_Hypotheses], Timings]:
     """Beam search over `cfg.beams` beams per prompt. Scores are sums of log-probabilities; a
     hypothesis ends at <eos> (which counts in its length) and is ranked by score / length ** length_penalty."""
@@ -94,7 +93,6 @@ def _beam_search(
     seqs: list[list[int]] = [[] for _ in range(B * n)]
     scores = torch.zeros(B, n, device=device)
     scores[:, 1:] = float("-inf")  # all beams start equal: let only the first one expand at step 0
-    banned_ids = torch.tensor(sorted(set(banned)), dtype=torch.long, device=device) if banned else None
     timings = Timings(str(device), dtype_name(dtype), B * n, P, 0.0, 0, cache=cfg.use_cache)
     try:
         sync(device)
@@ -102,8 +100,6 @@ def _beam_search(
         logits = window.prefill(ids, real)
         for t in range(max_new):
             logprobs = F.log_softmax(logits.float(), dim=-1)  # (B * n, V)
-            if banned_ids is not None:
-                logprobs = logprobs.index_fill(-1, banned_ids, float("-inf"))
             candidates = (scores.view(-1, 1) + logprobs).view(B, n * V)
             top_scores, top_index = candidates.topk(min(2 * n, n * V), dim=1)
             top_scores, top_index = top_scores.tolist(), top_index.tolist()
@@ -165,9 +161,8 @@ def beam_search(
                             f"(context {ctx})")
     if cfg.compile:
         prep.notices.append("--compile applies to greedy and sampled decoding: beam search runs without it")
-    banned = never_sampled(specials, token_bytes_of(tokenizer) is not None)
     hyps, timings = _beam_search(model, prep.starts, cfg, specials.eos, max_new, prep.memory, prep.memory_mask,
-                                 prep.pad, banned)
+                                 prep.pad)
     timings = prep.time(timings)
     completions = []
     hidden = frozenset() if cfg.show_special else hidden_tokens(specials)

@@ -168,7 +168,7 @@ def decode(
     memory: Tensor | None = None, memory_mask: Tensor | None = None, pad: int = 0, banned: Sequence[int] = (),
 ) -> tuple[Timings, int]:
     """Greedy or sampled decoding of a batch of prompts (left-padded); fills `rows`; returns the timings
-    and how many times the window slid. `banned` tokens are never chosen."""
+    and how many times the window slid. Sampling never draws the `banned` tokens."""
     device, dtype = device_dtype(model)
     B, ctx = len(prompts), model.cfg.max_seq_len
     ids, real = left_pad(prompts, pad, device)

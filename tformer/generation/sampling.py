@@ -51,7 +51,7 @@ def sample_logits(
     """The next token (B,) from logits (B, V): the argmax at temperature 0, else a draw from the
     processed distribution. The draw is argmax(p / E) with E ~ Exp(1) per token (`noise`, or drawn
     from `generator`), an exact categorical sample that needs no host sync, unlike torch.multinomial.
-    Tokens in `banned` (B,) ids are never chosen.
+    Tokens in `banned` (ids) are never drawn.
     """
     if banned is not None:
         logits = logits.index_fill(-1, banned, float("-inf"))
@@ -75,7 +75,10 @@ class Sampler:
     def __init__(self, cfg: GenerateConfig, batch: int, vocab_size: int, device: torch.device, seed: int,
                  prompt_ids: Tensor | None = None, prompt_real: Tensor | None = None, banned: Sequence[int] = ()):
         self.cfg = cfg
-        self.banned = torch.tensor(sorted(set(banned)), dtype=torch.long, device=device) if banned else None
+        # Greedy decoding keeps every token, as transformers does (its ids stay comparable); a trained model
+        # never prefers these anyway, while sampling at a high temperature would draw them.
+        self.banned = (torch.tensor(sorted(set(banned)), dtype=torch.long, device=device)
+                       if banned and not cfg.greedy else None)
         self.seen: Tensor | None = None  # (B, V) bool: tokens of each row's prompt and output
         if cfg.repetition_penalty != 1.0:
             self.seen = torch.zeros(batch, vocab_size, dtype=torch.bool, device=device)
@@ -109,7 +112,7 @@ class Sampler:
 
 
 def never_sampled(specials: SpecialIds, byte_fallback: bool) -> list[int]:
-    """Special tokens a completion never contains: <pad>, <mask>, <bos> (unless it is also the <eos>, as GPT-2's
+    """Special tokens sampling never draws: <pad>, <mask>, <bos> (unless it is also the <eos>, as GPT-2's
     <|endoftext|> is), and <unk> where the tokenizer can spell any text without it. <eos> stays: it stops a row."""
     ids = [specials.pad, specials.mask, specials.bos] + ([specials.unk] if byte_fallback else [])
     return [i for i in ids if i is not None and i != specials.eos]
