@@ -479,6 +479,22 @@ def inspect_command(
             err_console.print(f"wrote {name} {escape(str(path))}", highlight=False)
 
 
+# -- export (issue 13): a checkpoint as a Hugging Face directory -------------------------------------
+
+@app.command("export")
+def export_command(
+    checkpoint: str = typer.Argument(..., help="Checkpoint directory (or Hugging Face directory / Hub name)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write (config.json, model.safetensors, "
+                             "generation_config.json, tokenizer files)."),
+) -> None:
+    """Write a checkpoint as a Hugging Face directory that transformers loads (GPT-2, Llama, Qwen2, BERT, BART shapes)."""
+    from tformer.hf.export import export_checkpoint
+
+    with user_errors():
+        path, architecture = export_checkpoint(checkpoint, out)
+    err_console.print(f"wrote {escape(str(path))} ({architecture})", highlight=False)
+
+
 def run(args: list[str] | None = None) -> NoReturn:
     """The `tformer` command: the Typer app, with its own usage errors (an unknown option, a value of the
     wrong type) on one line like every other error, instead of click's framed message."""

@@ -233,8 +233,10 @@ _GPT = dict(
     init="gpt2",
     norm_eps=1e-5,
 )
-# A small modern decoder for a CPU: pre-norm, rotary positions.
-_SMALL_GPT = dict(_GPT, pos_encoding="rope", activation="gelu", dropout=0.0)
+# A small modern decoder for a CPU, in Llama's shape so that `tformer export` writes it as a
+# LlamaForCausalLM: pre-RMSNorm, rotary positions, SwiGLU, no biases. The SwiGLU width is 8/3 d_model
+# (rounded to a multiple of 8), the FLOPs of a 4 d_model GELU layer (Shazeer, 2020).
+_SMALL_GPT = dict(_GPT, pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False, dropout=0.0)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Table 3 of the paper, "base": N=6, d_model=512, d_ff=2048, h=8, P_drop=0.1; 37000-token shared BPE vocabulary.
@@ -262,11 +264,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Small models that train in minutes on a laptop CPU.
     "tiny": dict(
         _SMALL_GPT, vocab_size=8192, d_model=128, n_heads=4, n_encoder_layers=4, n_decoder_layers=4,
-        d_ff=512, max_seq_len=256,
+        d_ff=344, max_seq_len=256,
     ),
     "small": dict(
         _SMALL_GPT, vocab_size=8192, d_model=384, n_heads=6, n_encoder_layers=6, n_decoder_layers=6,
-        d_ff=1536, max_seq_len=256, dropout=0.1,
+        d_ff=1024, max_seq_len=256, dropout=0.1,
     ),
 }
 
@@ -368,7 +370,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "baby-shakespeare": dict(
         model="tiny",
         model_overrides=dict(d_model=128, n_heads=4, n_decoder_layers=4, n_encoder_layers=4, d_ff=512,
-                             pos_encoding="learned", dropout=0.0, bias=False),
+                             pos_encoding="learned", norm="layernorm", activation="gelu", dropout=0.0, bias=False),
         train=dict(steps=2000, context=64, batch_size=12, lr=1e-3, warmup=100, min_lr_ratio=0.1,
                    weight_decay=0.1, beta2=0.99, eval_every=250),
     ),
@@ -379,7 +381,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "shakespeare-speedrun": dict(
         model="tiny",
         model_overrides=dict(d_model=128, n_heads=4, n_decoder_layers=4, n_encoder_layers=4, d_ff=344,
-                             pos_encoding="rope", activation="swiglu", dropout=0.0, bias=False),
+                             pos_encoding="rope", norm="layernorm", activation="swiglu", dropout=0.0, bias=False),
         train=dict(steps=360, context=64, batch_size=32, lr=4e-3, warmup=50, min_lr_ratio=0.1,
                    weight_decay=0.1, beta2=0.99, eval_every=360, log_every=20),
     ),
