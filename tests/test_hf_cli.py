@@ -66,3 +66,43 @@ def test_train_init_from_a_llama_directory_runs_and_its_checkpoint_generates(tmp
                                  "--json"])
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.stdout)["completions"][0]["token_ids"]) > 0
+
+
+def test_bert_fill_mask_gives_transformers_top5(tmp_path, tokenizer):
+    """The model side of fill-mask: the same ids (tformer feeds no [CLS]/[SEP]) give the same top 5."""
+    hf = hf_dir(tmp_path, "bert", tokenizer)
+    result = runner.invoke(app, ["generate", "-c", str(tmp_path), "-p", "the <mask> sat on", "--top", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    candidates = doc["fill_mask"][0]["masks"][0]
+    ids = tokenizer.encode("the <mask> sat on", add_special_tokens=False).ids
+    where = ids.index(tokenizer.token_to_id("<mask>"))
+    with torch.no_grad():
+        probs = hf(torch.tensor([ids])).logits[0, where].softmax(-1)
+    p, top = probs.topk(5)
+    assert [c["id"] for c in candidates] == top.tolist()
+    assert [c["prob"] for c in candidates] == pytest.approx(p.tolist(), abs=1e-5)
+
+
+def test_bart_greedy_ids_when_the_decoder_starts_with_bos(tmp_path, tokenizer):
+    """tformer's generate starts the decoder with <bos>; a BART whose decoder_start_token_id is <bos> (and no
+    forced tokens) decodes exactly as transformers does. (BART's own start, </s> then a forced <s>, needs the
+    generation loop to read them from the checkpoint: see the report of issue 13.)"""
+    bos, eos, pad = (tokenizer.token_to_id(t) for t in ("<bos>", "<eos>", "<pad>"))
+    hf = make(transformers, "bart", tmp_path, vocab=tokenizer.get_vocab_size())
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(decoder_start_token_id=bos, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+                  forced_eos_token_id=None, forced_bos_token_id=None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "generation_config.json").unlink()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    result = runner.invoke(app, ["generate", "-c", str(tmp_path), "-p", "the cat sat", "-n", "30",
+                                 "--temperature", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    ours = json.loads(result.stdout)["completions"][0]["token_ids"]
+    src = torch.tensor([tokenizer.encode("the cat sat", add_special_tokens=False).ids])
+    with torch.no_grad():
+        ref = hf.generate(src, max_new_tokens=30, do_sample=False, num_beams=1)[0, 1:].tolist()
+    ref = ref[:ref.index(eos)] if eos in ref else ref
+    assert ours == ref and len(ours) > 0
