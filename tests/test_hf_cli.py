@@ -106,3 +106,12 @@ def test_bart_greedy_ids_when_the_decoder_starts_with_bos(tmp_path, tokenizer):
         ref = hf.generate(src, max_new_tokens=30, do_sample=False, num_beams=1)[0, 1:].tolist()
     ref = ref[:ref.index(eos)] if eos in ref else ref
     assert ours == ref and len(ours) > 0
+
+
+@pytest.mark.parametrize("name, prompt", [("llama", "the cat"), ("bert", "the <mask> sat"), ("bart", "the cat")])
+def test_inspect_reads_imported_directories(tmp_path, tokenizer, name, prompt):
+    hf_dir(tmp_path, name, tokenizer)
+    result = runner.invoke(app, ["inspect", "--checkpoint", str(tmp_path), "--prompt", prompt, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["anatomy"]["source"] == f"hf-{name}" and doc["attention"]
