@@ -126,8 +126,10 @@ def test_shape_mismatch_and_missing_tensor_are_named(tmp_path):
 def test_invalid_config_values_are_reported(tmp_path):
     (tmp_path / CONFIG_FILE).write_text(json.dumps({"format": "tformer", "model": {"d_model": 30, "n_heads": 4}}))
     assert "d_model=30" in one_line_error(tmp_path)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"model_type": "t5"}))  # llama became supported (issue 13)
+    assert "'t5' is not supported" in one_line_error(tmp_path)
     (tmp_path / CONFIG_FILE).write_text(json.dumps({"model_type": "llama"}))
-    assert "'llama' is not supported" in one_line_error(tmp_path)
+    assert "lacks 'hidden_size'" in one_line_error(tmp_path)
 
 
 def test_read_config_without_loading_weights(tmp_path):

@@ -92,7 +92,7 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
     from tformer.config import ModelConfig
     from tformer.model.transformer import build_model
 
-    model = build_model(ModelConfig.from_preset("tiny", vocab_size=100, pos_encoding="learned"))
+    model = build_model(ModelConfig.from_preset("tiny", vocab_size=100, pos_encoding="learned", bias=True))
     opt = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}

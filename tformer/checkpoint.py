@@ -25,12 +25,15 @@ from tformer.config import ModelConfig
 from tformer.errors import CheckpointError, ConfigError
 from tformer.files import atomic_write, atomic_write_json
 from tformer.files import old_sibling as _old_sibling
+from tformer.hf.config import config_from_hf, generation_ids
+from tformer.hf.weights import state_from_hf
 from tformer.model.transformer import build_model
 
 WEIGHTS_FILE = "model.safetensors"
 SHARD_INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
+GENERATION_CONFIG_FILE = "generation_config.json"  # a Hugging Face directory's generation defaults
 # Written by `tformer train` beside the weights: optimizer/scheduler tensors, and step, tokens seen,
 # best_val_loss, lr, RNG states and data position as JSON.
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -46,7 +49,7 @@ class Checkpoint:
     model: nn.Module
     config: ModelConfig
     path: Path
-    source: str = FORMAT  # "tformer", or "hf-gpt2" for a directory written by transformers
+    source: str = FORMAT  # "tformer", or "hf-<model_type>" (e.g. "hf-llama") for a directory written by transformers
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -94,6 +97,10 @@ def resolve_checkpoint(given: str | Path | None, root: str | Path = DEFAULT_ROOT
     path = Path(given)
     if is_checkpoint_dir(path):
         return path, None
+    if not path.exists():
+        path = _local_or_hub(path)  # a Hub name (owner/name, hf:owner/name): its local snapshot
+        if is_checkpoint_dir(path):
+            return path, None
     present = _present(path)
     if present is not None and present != path:
         return present, f"using the checkpoint {present} (the save replacing '{path}' did not finish)"
@@ -212,37 +219,84 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, str, dict[str, Any]
             raise CheckpointError(f"{config_path}: {e}") from None
         extra = {k: v for k, v in document.items() if k not in ("format", "tformer_version", "model")}
         return config, FORMAT, extra
-    if document.get("model_type") == "gpt2":
-        return gpt2_config_from_hf(document, config_path), "hf-gpt2", {"hf_config": document}
-    kind = document.get("model_type")
+    if "model_type" in document:
+        generation = _read_json_object(directory / GENERATION_CONFIG_FILE)
+        config = config_from_hf(document, config_path)
+        extra = {"hf_config": document, "generation": generation_ids(document, generation)}
+        return config, f"hf-{document['model_type']}", extra
     raise CheckpointError(
-        f"{config_path} is neither a tformer config nor a Hugging Face GPT-2 config"
-        + (f" (model_type={kind!r} is not supported)" if kind else "")
+        f"{config_path} is neither a tformer config (\"format\": \"tformer\") nor a Hugging Face config "
+        f"(with a model_type)"
     )
+
+
+def _read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object file beside the config, or None when absent; a broken one is an error naming it."""
+    if not path.is_file():
+        return None
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(document, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return document
 
 
 def load_checkpoint(
     directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> Checkpoint:
-    """Load a checkpoint directory (ours, or a transformers GPT-2 directory) into an eval-mode model.
+    """Load a checkpoint directory (ours, or a transformers directory of a supported model type, or a
+    Hugging Face Hub name such as `owner/name`) into an eval-mode model.
 
-    Tensors are read on the CPU, checked against the config (every missing, unexpected or
-    wrongly shaped tensor is an error that names it), then the model is moved to `device`/`dtype`.
+    The config is checked before any tensor is read. Tensors come memory-mapped from the safetensors
+    files and become the model's parameters without a copy where they need no change (the model is
+    built on the meta device, so nothing is allocated twice); every missing, unexpected or wrongly
+    shaped tensor is an error that names it. The weights are then converted to `dtype` (default
+    float32) and moved to `device`.
     """
-    directory = _present(Path(directory)) or Path(directory)  # a swap stopped between its renames
+    directory = _local_or_hub(directory)
+    directory = _present(directory) or directory  # a swap stopped between its renames
     config, source, extra = read_config(directory)
+    with torch.device("meta"):  # shapes only: the loaded tensors are assigned to it
+        model = build_model(config)
     tensors = read_safetensors(directory)
-    if source == "hf-gpt2":
-        tensors = gpt2_state_from_hf(tensors, config)
-    model = build_model(config)
-    load_state(model, tensors, where=str(directory / WEIGHTS_FILE))
+    if source != FORMAT:
+        tensors = state_from_hf(source.removeprefix("hf-"), tensors, config, _expected_names(config, model),
+                                where=str(directory))
+    target = dtype or torch.float32
+    tensors = {k: v.to(target) if v.is_floating_point() and v.dtype != target else v for k, v in tensors.items()}
+    load_state(model, tensors, where=str(directory / WEIGHTS_FILE), assign=True)
+    for module in model.modules():  # derived tables (RoPE, sinusoidal) were not built on the meta device
+        if hasattr(module, "init_buffers"):
+            module.init_buffers(device="cpu")
     model.to(device=device, dtype=dtype)
     model.eval()
     return Checkpoint(model=model, config=config, path=directory, source=source, extra=extra)
 
 
-def load_state(model: nn.Module, tensors: dict[str, Tensor], where: str) -> None:
-    """Copy `tensors` into `model`, naming any missing, unexpected or wrongly shaped tensor."""
+def _local_or_hub(directory: str | Path) -> Path:
+    """`directory`, or for a Hub name (`owner/name`, `hf:owner/name`) that is no local path, its snapshot."""
+    if not Path(directory).exists():
+        from tformer.hf.hub import resolve_hub_name
+
+        resolved = resolve_hub_name(str(directory))
+        if resolved is not None:
+            return resolved
+    return Path(directory)
+
+
+def _expected_names(config: ModelConfig, model: nn.Module | None = None) -> list[str]:
+    """The tensor names a model of `config` has (built on the meta device when not given)."""
+    if model is None:
+        with torch.device("meta"):
+            model = build_model(config)
+    return list(model.state_dict())
+
+
+def load_state(model: nn.Module, tensors: dict[str, Tensor], where: str, assign: bool = False) -> None:
+    """Copy `tensors` into `model` (or, with `assign`, make them its parameters), naming any missing,
+    unexpected or wrongly shaped tensor."""
     expected = model.state_dict()
     problems = []
     missing = [k for k in expected if k not in tensors]
@@ -259,7 +313,7 @@ def load_state(model: nn.Module, tensors: dict[str, Tensor], where: str) -> None
     if problems:
         raise CheckpointError(f"{where} does not match its config: " + "; ".join(problems[:4])
                               + (f"; and {len(problems) - 4} more" if len(problems) > 4 else ""))
-    model.load_state_dict(tensors, strict=True)
+    model.load_state_dict(tensors, strict=True, assign=assign)
 
 
 def _names(names: list[str], limit: int = 5) -> str:
@@ -278,22 +332,14 @@ def weight_files(directory: Path) -> list[Path]:
         if (directory / "pytorch_model.bin").exists():
             hint = " (it has pytorch_model.bin, a pickle, which tformer never loads; re-save with safetensors)"
         raise CheckpointError(f"'{directory}' has no {WEIGHTS_FILE}{hint}")
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        names = list(dict.fromkeys(weight_map.values()))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{index} is not a valid shard index: {e}") from None
-    for name in names:
-        if not isinstance(name, str) or not name.endswith(".safetensors") or Path(name).name != name \
-                or name.startswith("."):
-            raise CheckpointError(f"{index} names the shard {name!r}: shards must be .safetensors files inside "
-                                  f"'{directory}' (a plain file name, no path)")
-    return [directory / name for name in names]
+    return shard_files(directory)
 
 
 def read_safetensors(directory: Path) -> dict[str, Tensor]:
     """All tensors of `model.safetensors` (or of the shards a `model.safetensors.index.json` names), on the CPU."""
     files = weight_files(directory)
+    # safe_open memory-maps each file: get_tensor returns tensors backed by the mapping (no copy;
+    # pages are read as the tensor is first used), so the weights are never held twice.
     tensors: dict[str, Tensor] = {}
     for path in files:
         if not path.is_file():
@@ -308,86 +354,32 @@ def read_safetensors(directory: Path) -> dict[str, Tensor]:
     return tensors
 
 
-# -- Hugging Face GPT-2 ------------------------------------------------------------------------
+def shard_files(directory: Path) -> list[Path]:
+    """The shard files that `model.safetensors.index.json` names, in order, each checked to be a plain
+    file name inside `directory` (an index must not point elsewhere on the disk)."""
+    index = directory / SHARD_INDEX_FILE
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index} is not a valid shard index: {e}") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: weight_map must be a non-empty object of tensor name -> file name")
+    files = []
+    for name in dict.fromkeys(weight_map.values()):
+        if not (isinstance(name, str) and name.endswith(".safetensors") and Path(name).name == name
+                and not name.startswith(".")):
+            raise CheckpointError(f"{index}: shard {name!r} must be a .safetensors file name inside '{directory}'")
+        files.append(directory / name)
+    return files
 
-_HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 
+# -- Hugging Face GPT-2 (kept for callers of the old names; the mapping lives in tformer/hf/) --------
 
 def gpt2_config_from_hf(hf: dict[str, Any], where: Path | str = "config.json") -> ModelConfig:
-    """Our ModelConfig for a transformers GPT2Config dict (GPT-2 is pre-norm with learned positions)."""
-    for flag, fine in (("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False),
-                       ("scale_attn_weights", True)):
-        if hf.get(flag, fine) != fine:
-            raise CheckpointError(f"{where}: GPT-2 option {flag}={hf.get(flag)!r} is not supported")
-    activation = hf.get("activation_function", "gelu_new")
-    if activation not in _HF_ACTIVATIONS:
-        raise CheckpointError(
-            f"{where}: activation_function={activation!r} is not supported; "
-            f"supported: {', '.join(_HF_ACTIVATIONS)}"
-        )
-    try:
-        d_model = int(hf["n_embd"])
-        return ModelConfig(
-            arch="decoder",
-            vocab_size=int(hf["vocab_size"]),
-            d_model=d_model,
-            n_heads=int(hf["n_head"]),
-            n_encoder_layers=0,
-            n_decoder_layers=int(hf["n_layer"]),
-            d_ff=int(hf.get("n_inner") or 4 * d_model),
-            dropout=float(hf.get("resid_pdrop", 0.1)),
-            max_seq_len=int(hf["n_positions"]),
-            pos_encoding="learned",
-            norm_placement="pre",
-            norm="layernorm",
-            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-            activation=_HF_ACTIVATIONS[activation],
-            bias=True,
-            tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-            scale_embeddings=False,
-            init="gpt2",
-        )
-    except KeyError as e:
-        raise CheckpointError(f"{where}: GPT-2 config lacks {e}") from None
-    except ConfigError as e:
-        raise CheckpointError(f"{where}: {e}") from None
-
-
-# Our name for each GPT-2 tensor name (after the "transformer." prefix is removed), and whether
-# the tensor is a Conv1D weight, stored as (in, out) rather than nn.Linear's (out, in).
-_GPT2_NAMES: list[tuple[str, str, bool]] = [
-    (r"wte\.weight", "embed.tok.weight", False),
-    (r"wpe\.weight", "embed.pos.weight", False),
-    (r"h\.(\d+)\.ln_1\.(weight|bias)", r"decoder.layers.\1.self_attn_norm.\2", False),
-    (r"h\.(\d+)\.attn\.c_attn\.weight", r"decoder.layers.\1.self_attn.qkv_proj.weight", True),
-    (r"h\.(\d+)\.attn\.c_attn\.bias", r"decoder.layers.\1.self_attn.qkv_proj.bias", False),
-    (r"h\.(\d+)\.attn\.c_proj\.weight", r"decoder.layers.\1.self_attn.out_proj.weight", True),
-    (r"h\.(\d+)\.attn\.c_proj\.bias", r"decoder.layers.\1.self_attn.out_proj.bias", False),
-    (r"h\.(\d+)\.ln_2\.(weight|bias)", r"decoder.layers.\1.ffn_norm.\2", False),
-    (r"h\.(\d+)\.mlp\.c_fc\.weight", r"decoder.layers.\1.ffn.w1.weight", True),
-    (r"h\.(\d+)\.mlp\.c_fc\.bias", r"decoder.layers.\1.ffn.w1.bias", False),
-    (r"h\.(\d+)\.mlp\.c_proj\.weight", r"decoder.layers.\1.ffn.w2.weight", True),
-    (r"h\.(\d+)\.mlp\.c_proj\.bias", r"decoder.layers.\1.ffn.w2.bias", False),
-    (r"ln_f\.(weight|bias)", r"decoder.final_norm.\1", False),
-    (r"lm_head\.weight", "lm_head.weight", False),
-]
-# Causal-mask buffers that older GPT-2 files carry; they are derived, not weights.
-_GPT2_SKIP = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+    """Our ModelConfig for a transformers GPT2Config dict."""
+    return config_from_hf({**hf, "model_type": "gpt2"}, where)
 
 
 def gpt2_state_from_hf(tensors: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     """Rename (and transpose Conv1D weights of) a transformers GPT-2 state dict into ours."""
-    state: dict[str, Tensor] = {}
-    for hf_name, tensor in tensors.items():
-        name = hf_name.removeprefix("transformer.")
-        if _GPT2_SKIP.fullmatch(name):
-            continue
-        if name == "lm_head.weight" and config.tie_embeddings:
-            continue  # tied: the same matrix as wte
-        for pattern, ours, conv1d in _GPT2_NAMES:
-            if re.fullmatch(pattern, name):
-                state[re.sub(pattern, ours, name)] = tensor.t().contiguous() if conv1d else tensor
-                break
-        else:
-            state[hf_name] = tensor  # reported as unexpected by load_state
-    return state
+    return state_from_hf("gpt2", tensors, config, _expected_names(config), where="GPT-2 state dict")

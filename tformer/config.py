@@ -49,6 +49,19 @@ class ModelConfig:
     tie_embeddings: bool = True
     scale_embeddings: bool = True  # multiply token embeddings by sqrt(d_model), as in the paper (section 3.4)
     init: str = "paper"  # "paper": Xavier uniform; "gpt2": N(0, 0.02) with scaled residual projections
+    # Shapes of pretrained models (tformer/hf/); the defaults leave tformer's own models as they were.
+    qkv_bias: bool | None = None  # biases of the query/key/value projections (None: as `bias`; Qwen2: True alone)
+    out_bias: bool | None = None  # bias of the attention output projection W^O (None: as `bias`)
+    mlp_bias: bool | None = None  # biases of the feed-forward layers (None: as `bias`)
+    # RoPE frequency scaling for long contexts: {"type": "linear", "factor": f}, or Llama 3.1's
+    # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"}.
+    rope_scaling: dict[str, Any] | None = None
+    type_vocab_size: int = 0  # token-type (segment) embeddings added to the input, as BERT's; 0: none
+    embed_norm: bool = False  # a norm after the embedding sum (BERT's embedding LayerNorm, BART's layernorm_embedding)
+    pos_offset: int = 0  # learned positions: position p reads row p + pos_offset of the table (BART: 2)
+    # Encoder-decoder with tied token embeddings: the encoder shares the decoder's position table and
+    # embedding norm (False: it has its own, as BART).
+    tie_positions: bool = True
     preset: str | None = field(default=None, compare=False)  # the preset this config started from
 
     def __post_init__(self) -> None:
@@ -61,6 +74,11 @@ class ModelConfig:
     def head_dim(self) -> int:
         """d_k = d_v = d_model / n_heads."""
         return self.d_model // self.n_heads
+
+    def bias_of(self, part: str) -> bool:
+        """Whether `part` ("qkv", "out" or "mlp") has biases: its own field when set, else `bias`."""
+        own = {"qkv": self.qkv_bias, "out": self.out_bias, "mlp": self.mlp_bias}[part]
+        return self.bias if own is None else own
 
     @property
     def has_encoder(self) -> bool:
@@ -111,6 +129,20 @@ class ModelConfig:
             raise ConfigError(f"norm_eps={self.norm_eps!r} must be a positive number")
         if not (isinstance(self.rope_base, (int, float)) and self.rope_base > 0):
             raise ConfigError(f"rope_base={self.rope_base!r} must be a positive number")
+        for name in ("bias", "tie_embeddings", "scale_embeddings", "embed_norm", "tie_positions"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
+        for name in ("qkv_bias", "out_bias", "mlp_bias"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be true, false or null (as `bias`)")
+        for name in ("type_vocab_size", "pos_offset"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name}={value!r} must be a non-negative integer")
+        if self.pos_offset and self.pos_encoding != "learned":
+            raise ConfigError(f"pos_offset={self.pos_offset} needs pos_encoding='learned'")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
 
     # -- construction and serialisation ----------------------------------------------------
     @classmethod
@@ -152,6 +184,25 @@ def _positive_int(name: str, value: Any) -> None:
         raise ConfigError(f"{name}={value!r} must be a positive integer")
 
 
+ROPE_SCALINGS = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")}
+
+
+def _check_rope_scaling(scaling: Any) -> None:
+    kinds = ", ".join(ROPE_SCALINGS)
+    if not isinstance(scaling, dict) or scaling.get("type") not in ROPE_SCALINGS:
+        raise ConfigError(f"rope_scaling={scaling!r} must be null or a dict whose type is one of: {kinds}")
+    keys = ROPE_SCALINGS[scaling["type"]]
+    if set(scaling) != {"type", *keys}:
+        raise ConfigError(f"rope_scaling of type {scaling['type']!r} needs exactly the keys type, {', '.join(keys)}")
+    for key in keys:
+        value = scaling[key]
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+            raise ConfigError(f"rope_scaling {key}={value!r} must be a positive number")
+    if scaling["type"] == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ConfigError("rope_scaling high_freq_factor must be greater than low_freq_factor")
+
+
 def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
@@ -182,8 +233,10 @@ _GPT = dict(
     init="gpt2",
     norm_eps=1e-5,
 )
-# A small modern decoder for a CPU: pre-norm, rotary positions.
-_SMALL_GPT = dict(_GPT, pos_encoding="rope", activation="gelu", dropout=0.0)
+# A small modern decoder for a CPU, in Llama's shape so that `tformer export` writes it as a
+# LlamaForCausalLM: pre-RMSNorm, rotary positions, SwiGLU, no biases. The SwiGLU width is 8/3 d_model
+# (rounded to a multiple of 8), the FLOPs of a 4 d_model GELU layer (Shazeer, 2020).
+_SMALL_GPT = dict(_GPT, pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False, dropout=0.0)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Table 3 of the paper, "base": N=6, d_model=512, d_ff=2048, h=8, P_drop=0.1; 37000-token shared BPE vocabulary.
@@ -211,11 +264,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Small models that train in minutes on a laptop CPU.
     "tiny": dict(
         _SMALL_GPT, vocab_size=8192, d_model=128, n_heads=4, n_encoder_layers=4, n_decoder_layers=4,
-        d_ff=512, max_seq_len=256,
+        d_ff=344, max_seq_len=256,
     ),
     "small": dict(
         _SMALL_GPT, vocab_size=8192, d_model=384, n_heads=6, n_encoder_layers=6, n_decoder_layers=6,
-        d_ff=1536, max_seq_len=256, dropout=0.1,
+        d_ff=1024, max_seq_len=256, dropout=0.1,
     ),
 }
-

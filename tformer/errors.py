@@ -11,3 +11,7 @@ class ConfigError(TformerError, ValueError):
 
 class CheckpointError(TformerError):
     """A checkpoint directory is missing, incomplete or does not match its config."""
+
+
+class UnsupportedModelError(CheckpointError, ValueError):
+    """A Hugging Face directory whose model_type, option or value tformer cannot represent exactly."""

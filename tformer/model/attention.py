@@ -87,12 +87,13 @@ class MultiHeadAttention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.cross = cross
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        qkv_bias = cfg.bias_of("qkv")
         if cross:
-            self.q_proj = nn.Linear(cfg.d_model, q_dim, bias=cfg.bias)
-            self.kv_proj = nn.Linear(cfg.d_model, 2 * kv_dim, bias=cfg.bias)
+            self.q_proj = nn.Linear(cfg.d_model, q_dim, bias=qkv_bias)
+            self.kv_proj = nn.Linear(cfg.d_model, 2 * kv_dim, bias=qkv_bias)
         else:
-            self.qkv_proj = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.bias)
-        self.out_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
+            self.qkv_proj = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias_of("out"))
         self.dropout = cfg.dropout
         # Set by the model's setup_cache() for incremental decoding; not part of the weights.
         self.cache: KVCache | CrossKV | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -36,44 +37,73 @@ class Embedding(nn.Module):
     """Token embedding (scaled by sqrt(d_model) in the paper's config), plus absolute positions, then dropout.
 
     With rotary positions nothing is added here: RoPE rotates queries and keys inside attention.
+    Pretrained shapes add token-type (segment) embeddings and a norm of the sum (BERT, BART).
+    `tokens=False` builds the positional part only, for an encoder that borrows the decoder's
+    token embedding but has its own positions (BART).
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tokens: bool = True):
         super().__init__()
-        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model) if tokens else None
         self.scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0
         self.pos_encoding = cfg.pos_encoding
+        self.pos_offset = cfg.pos_offset
         if cfg.pos_encoding == "learned":
-            self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+            self.pos = nn.Embedding(cfg.max_seq_len + cfg.pos_offset, cfg.d_model)
         elif cfg.pos_encoding == "sinusoidal":
             # Derived from the config, so not saved with the weights.
             self.register_buffer("pe", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+        if cfg.type_vocab_size:
+            self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
+        self.norm = make_norm(cfg) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, idx: Tensor, positions: Tensor) -> Tensor:
-        """idx: (B, T) token ids; positions: (T,) or (B, T) position of each token. Returns (B, T, d_model)."""
-        x = self.tok(idx)
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute the derived (non-saved) sinusoidal table, e.g. after building on the meta device."""
+        if self.pos_encoding == "sinusoidal":
+            with torch.device(device) if device is not None else contextlib.nullcontext():
+                self.pe = sinusoidal_table(self.pe.size(0), self.pe.size(1))
+
+    def forward(
+        self, idx: Tensor, positions: Tensor, token_type_ids: Tensor | None = None, tok: nn.Embedding | None = None
+    ) -> Tensor:
+        """idx: (B, T) token ids; positions: (T,) or (B, T) position of each token; token_type_ids: (B, T)
+        segment ids (default 0 where the model has token types); tok: the token embedding to use when this
+        module has none. Returns (B, T, d_model)."""
+        x = (tok if tok is not None else self.tok)(idx)
         if self.scale != 1.0:
             x = x * self.scale
         if self.pos_encoding == "learned":
-            x = x + self.pos(positions)
+            x = x + self.pos(positions + self.pos_offset if self.pos_offset else positions)
         elif self.pos_encoding == "sinusoidal":
             x = x + self.pe[positions].to(x.dtype)
+        if hasattr(self, "token_type"):
+            x = x + (self.token_type.weight[0] if token_type_ids is None else self.token_type(token_type_ids))
+        if self.norm is not None:
+            x = self.norm(x)
         return self.drop(x)
 
 
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoFormer, Su et al., 2021), the half-split convention of GPT-NeoX/Llama.
 
-    Each pair (x_i, x_{i + d/2}) of a query or key is rotated by the angle pos * base^(-2i/d).
+    Each pair (x_i, x_{i + d/2}) of a query or key is rotated by the angle pos * theta_i,
+    theta_i = base^(-2i/d), with the frequencies optionally rescaled for long contexts (`rope_frequencies`).
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0):
+    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0, scaling: dict | None = None):
         super().__init__()
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq  # (L, head_dim/2)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.head_dim, self.max_seq_len, self.base, self.scaling = head_dim, max_seq_len, base, scaling
+        self.init_buffers()
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the derived cos/sin tables, not saved with the weights (on `device`, default: the
+        current default device, so that building on the meta device allocates nothing)."""
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            inv_freq = rope_frequencies(self.head_dim, self.base, self.scaling)
+            angles = torch.arange(self.max_seq_len, dtype=torch.float64)[:, None] * inv_freq  # (L, hd/2)
+            self.register_buffer("cos", angles.cos().float(), persistent=False)
+            self.register_buffer("sin", angles.sin().float(), persistent=False)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin at `positions` ((T,) or (B, T)), shaped to broadcast over (B, n_heads, T, head_dim/2)."""
@@ -81,6 +111,28 @@ class RotaryEmbedding(nn.Module):
         if positions.dim() == 2:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd/2)
         return cos, sin
+
+
+def rope_frequencies(head_dim: int, base: float, scaling: dict | None = None) -> Tensor:
+    """theta_i = base^(-2i/head_dim), i < head_dim/2 (float64), rescaled as `scaling` says.
+
+    "linear" divides every frequency by `factor` (position interpolation, Chen et al., 2023).
+    "llama3" (Llama 3.1) divides only the low frequencies, whose wavelength exceeds the original
+    context / low_freq_factor, keeps those shorter than context / high_freq_factor, and blends
+    linearly (in context / wavelength) between the two.
+    """
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["type"] == "linear":
+        return inv_freq / factor
+    context, low, high = scaling["original_max_seq_len"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelength = 2 * math.pi / inv_freq
+    blend = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)  # 0: long waves, 1: short waves
+    scaled = (1 - blend) * inv_freq / factor + blend * inv_freq
+    scaled = torch.where(wavelength > context / low, inv_freq / factor, scaled)
+    return torch.where(wavelength < context / high, inv_freq, scaled)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -99,10 +151,11 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.activation = cfg.activation
-        self.w1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        bias = cfg.bias_of("mlp")
+        self.w1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=bias)
         if cfg.activation == "swiglu":
-            self.w3 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
-        self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+            self.w3 = nn.Linear(cfg.d_model, cfg.d_ff, bias=bias)
+        self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -92,7 +92,8 @@ class TransformerStack(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, cross) for _ in range(n_layers))
         self.final_norm = make_norm(cfg) if cfg.norm_placement == "pre" else None
         self.rope = (
-            RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_base) if cfg.pos_encoding == "rope" else None
+            RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_base, cfg.rope_scaling)
+            if cfg.pos_encoding == "rope" else None
         )
         self.cfg = cfg
 
@@ -354,12 +355,16 @@ class EncoderModel(_LMBase):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self._init_weights()
 
-    def forward(self, idx: Tensor, key_padding_mask: Tensor | None = None, need_weights: bool = False) -> ModelOutput:
-        """idx: (B, T); key_padding_mask: (B, T), True for real tokens. Logits predict every position's token."""
+    def forward(
+        self, idx: Tensor, key_padding_mask: Tensor | None = None, need_weights: bool = False,
+        token_type_ids: Tensor | None = None,
+    ) -> ModelOutput:
+        """idx: (B, T); key_padding_mask: (B, T), True for real tokens. Logits predict every position's token.
+        token_type_ids: (B, T) segment ids for a model with token types (type_vocab_size > 0; default 0)."""
         B, T = idx.shape
         _check_length(T, self.cfg)
         positions = torch.arange(T, device=idx.device)
-        x = self.embed(idx, positions)
+        x = self.embed(idx, positions, token_type_ids)
         h, attn = self.encoder(x, positions, key_padding_mask, need_weights=need_weights)
         logits = self.output_logits(self.mlm_head(h)) + self.mlm_head.bias
         return ModelOutput(logits, h, None if attn is None else {"encoder": attn["self"]})
@@ -378,7 +383,11 @@ class Seq2Seq(_IncrementalDecoding):
             raise ValueError(f"Seq2Seq needs arch='encoder-decoder', got {cfg.arch!r}")
         self.cfg = cfg
         self.embed = Embedding(cfg)  # the target embedding (and the source one when tied)
-        self.src_embed = None if cfg.tie_embeddings else Embedding(cfg)
+        # Untied: the source has its own. Tied with tie_positions=False (BART): the source borrows the
+        # target's token embedding but has its own positions and embedding norm.
+        self.src_embed = (
+            Embedding(cfg) if not cfg.tie_embeddings else None if cfg.tie_positions else Embedding(cfg, tokens=False)
+        )
         self.encoder = TransformerStack(cfg, cfg.n_encoder_layers, causal=False)
         self.decoder = TransformerStack(cfg, cfg.n_decoder_layers, causal=True, cross=True)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -392,8 +401,10 @@ class Seq2Seq(_IncrementalDecoding):
         S = src.size(1)
         _check_length(S, self.cfg)
         positions = torch.arange(S, device=src.device)
-        embed = self.src_embed if self.src_embed is not None else self.embed
-        x = embed(src, positions)
+        if self.src_embed is None:
+            x = self.embed(src, positions)
+        else:
+            x = self.src_embed(src, positions, tok=self.embed.tok if self.src_embed.tok is None else None)
         memory, attn = self.encoder(x, positions, src_padding_mask, need_weights=need_weights)
         return memory, None if attn is None else attn["self"]
 

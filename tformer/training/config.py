@@ -108,7 +108,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "baby-shakespeare": dict(
         model="tiny",
         model_overrides=dict(d_model=128, n_heads=4, n_decoder_layers=4, n_encoder_layers=4, d_ff=512,
-                             pos_encoding="learned", dropout=0.0, bias=False),
+                             pos_encoding="learned", norm="layernorm", activation="gelu", dropout=0.0, bias=False),
         train=dict(steps=2000, context=64, batch_size=12, lr=1e-3, warmup=100, min_lr_ratio=0.1,
                    weight_decay=0.1, beta2=0.99, eval_every=250),
     ),
@@ -119,7 +119,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "shakespeare-speedrun": dict(
         model="tiny",
         model_overrides=dict(d_model=128, n_heads=4, n_decoder_layers=4, n_encoder_layers=4, d_ff=344,
-                             pos_encoding="rope", activation="swiglu", dropout=0.0, bias=False),
+                             pos_encoding="rope", norm="layernorm", activation="swiglu", dropout=0.0, bias=False),
         train=dict(steps=360, context=64, batch_size=32, lr=4e-3, warmup=50, min_lr_ratio=0.1,
                    weight_decay=0.1, beta2=0.99, eval_every=360, log_every=20),
     ),
