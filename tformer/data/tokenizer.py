@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +38,20 @@ class SpecialIds:
     eos: int | None = None
     unk: int | None = None
     mask: int | None = None
+    # How a checkpoint decodes, where its config says (Hugging Face generation ids); not tokenizer roles.
+    decoder_start: int | None = None  # an encoder-decoder's first target token (default: bos)
+    forced_bos: int | None = None  # the token forced as the first one generated (BART)
+    forced_eos: int | None = None  # the token forced as the last one when the length runs out (BART)
+    also_eos: tuple[int, ...] = ()  # further tokens that end a row (a config's list of eos ids)
 
     def to_dict(self) -> dict[str, int | None]:
-        return dataclasses.asdict(self)
+        """The five token roles (pad, bos, eos, unk, mask)."""
+        return {role: getattr(self, role) for role in ("pad", "bos", "eos", "unk", "mask")}
+
+    @property
+    def stops(self) -> frozenset[int]:
+        """Every token that ends a row."""
+        return frozenset(i for i in (self.eos, *self.also_eos) if i is not None)
 
 
 # Names used by tokenizers trained elsewhere, ours first. GPT-2 has only <|endoftext|>, which
@@ -83,7 +94,10 @@ def _special_vocab() -> dict[str, int]:
 
 def _finish(tok: Tokenizer) -> Tokenizer:
     # Marks the specials as special (so transformers and skip_special_tokens know them); ids stay 0..4.
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    # <mask> absorbs the white space before it (as RoBERTa's does): "the <mask> sat" masks one token that
+    # carries its space (Ġking), as the masked-LM objective masks them, instead of a lone space token.
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False, lstrip=t == "<mask>")
+                            for t in SPECIAL_TOKENS])
     return tok
 
 
@@ -152,6 +166,18 @@ def train_tokenizer(texts: Iterable[str | list[str]], kind: str = "bpe", vocab_s
         _check_vocab_size(vocab_size, 256, "bytes")
         return byte_tokenizer()
     raise TformerError(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
+
+
+def mask_prompt(tokenizer: Tokenizer, text: str, mask: int) -> str:
+    """A fill-mask prompt as the tokenizer should see it: "<mask>" spelled as its mask token (BERT's [MASK]),
+    and, for byte-level tokenizers, the white space before each mask given to the mask (whose candidates
+    carry their own space, Ġking) even where the tokenizer was saved without RoBERTa's lstrip."""
+    token = tokenizer.id_to_token(mask)
+    if token and token != "<mask>":
+        text = text.replace("<mask>", token)
+    if token and is_byte_level(tokenizer):
+        text = re.sub(r"\s+(?=" + re.escape(token) + ")", "", text)
+    return text
 
 
 def check_fits(tokenizer: Tokenizer, vocab_size: int, where: str | Path) -> None:

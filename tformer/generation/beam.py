@@ -47,7 +47,7 @@ class _Hypotheses:
 
 
 def _expand(hyps: _Hypotheses, top: list[tuple[float, int]], n: int, V: int, first_row: int, seqs: list[list[int]],
-            eos: int | None) -> list[tuple[float, int, int]]:
+            eos: frozenset[int]) -> list[tuple[float, int, int]]:
     """The next `n` beams (score, token, source row) of one prompt from its top 2n candidates (score, flat
     index over beams x vocabulary); an <eos> among the top n ends a hypothesis instead."""
     chosen = []
@@ -56,7 +56,7 @@ def _expand(hyps: _Hypotheses, top: list[tuple[float, int]], n: int, V: int, fir
         row = first_row + beam
         if score == float("-inf"):
             break
-        if token == eos:
+        if token in eos:
             if rank < n:  # an <eos> below the top n would not have been kept as a beam
                 hyps.add(seqs[row] + [token], score, "eos")
         else:
@@ -75,8 +75,9 @@ def _finished(hyps: _Hypotheses, chosen: list[tuple[float, int, int]], early_sto
 
 
 def _beam_search(
-    model: nn.Module, prompts: list[list[int]], cfg: GenerateConfig, eos: int | None, max_new: int,
+    model: nn.Module, prompts: list[list[int]], cfg: GenerateConfig, eos: frozenset[int], max_new: int,
     memory: Tensor | None = None, memory_mask: Tensor | None = None, pad: int = 0,
+    forced: tuple[int | None, int | None] = (None, None),
 ) -> tuple[list[_Hypotheses], Timings]:
     """Beam search over `cfg.beams` beams per prompt. Scores are sums of log-probabilities; a
     hypothesis ends at <eos> (which counts in its length) and is ranked by score / length ** length_penalty."""
@@ -100,6 +101,10 @@ def _beam_search(
         logits = window.prefill(ids, real)
         for t in range(max_new):
             logprobs = F.log_softmax(logits.float(), dim=-1)  # (B * n, V)
+            force = forced[1] if t == max_new - 1 and forced[1] is not None else forced[0] if t == 0 else None
+            if force is not None:  # a config's forced first (bos) or last (eos) token
+                logprobs = torch.full_like(logprobs, float("-inf")).index_fill_(-1, torch.tensor([force],
+                                                                                         device=device), 0.0)
             candidates = (scores.view(-1, 1) + logprobs).view(B, n * V)
             top_scores, top_index = candidates.topk(min(2 * n, n * V), dim=1)
             top_scores, top_index = top_scores.tolist(), top_index.tolist()
@@ -161,8 +166,8 @@ def beam_search(
                             f"(context {ctx})")
     if cfg.compile:
         prep.notices.append("--compile applies to greedy and sampled decoding: beam search runs without it")
-    hyps, timings = _beam_search(model, prep.starts, cfg, specials.eos, max_new, prep.memory, prep.memory_mask,
-                                 prep.pad)
+    hyps, timings = _beam_search(model, prep.starts, cfg, specials.stops, max_new, prep.memory, prep.memory_mask,
+                                 prep.pad, (specials.forced_bos, specials.forced_eos))
     timings = prep.time(timings)
     completions = []
     hidden = frozenset() if cfg.show_special else hidden_tokens(specials)

@@ -166,9 +166,12 @@ class _Feed:
 def decode(
     model: nn.Module, prompts: list[list[int]], rows: list[Row], cfg: GenerateConfig, seed: int,
     memory: Tensor | None = None, memory_mask: Tensor | None = None, pad: int = 0, banned: Sequence[int] = (),
+    forced_first: int | None = None, forced_last: int | None = None,
 ) -> tuple[Timings, int]:
     """Greedy or sampled decoding of a batch of prompts (left-padded); fills `rows`; returns the timings
-    and how many times the window slid. Sampling never draws the `banned` tokens."""
+    and how many times the window slid. Sampling never draws the `banned` tokens; `forced_first` is the first
+    token generated and `forced_last` the one generated when the length runs out (as a Hugging Face config's
+    forced_bos_token_id and forced_eos_token_id)."""
     device, dtype = device_dtype(model)
     B, ctx = len(prompts), model.cfg.max_seq_len
     ids, real = left_pad(prompts, pad, device)
@@ -184,10 +187,14 @@ def decode(
         start = time.perf_counter()
         sampler.draw()
         token = window.prefill(ids, real, *sampler.state)
+        for forced in (forced_first, forced_last if N == 1 else None):
+            if forced is not None:
+                token = torch.full_like(token, forced)
         feed.take(token)
         feed.consume(drain=True)
         timings.first_token_s = time.perf_counter() - start
-        _decode_steps(window, sampler, feed, N - 1, WARMUP_STEPS if cfg.compile and cfg.use_cache else 0, token)
+        _decode_steps(window, sampler, feed, N - 1, WARMUP_STEPS if cfg.compile and cfg.use_cache else 0, token,
+                      forced_last)
     finally:
         window.close()
     for row in rows:
@@ -195,15 +202,18 @@ def decode(
     return timings, window.slides
 
 
-def _decode_steps(window: Window, sampler: Sampler, feed: _Feed, steps: int, warmup: int, token: Tensor) -> None:
+def _decode_steps(window: Window, sampler: Sampler, feed: _Feed, steps: int, warmup: int, token: Tensor,
+                  forced_last: int | None = None) -> None:
     """Up to `steps` decode steps (until every row is done); times them, a compile warm-up apart."""
     timings, device = feed.timings, window.ids.device
     timed_from, timed = time.perf_counter(), 0
-    for _ in range(steps):
+    for i in range(steps):
         if feed.done:
             break
         sampler.draw()
         token = window.step(token, *sampler.state)
+        if forced_last is not None and i == steps - 1:
+            token = torch.full_like(token, forced_last)
         feed.take(token)
         feed.consume()
         timed += 1

@@ -9,11 +9,12 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from tformer.checkpoint import unwrap_model
-from tformer.data.tokenizer import SpecialIds, special_ids
+from tformer.data.tokenizer import SpecialIds, mask_prompt, special_ids
 from tformer.errors import TformerError
 from tformer.generation.engine import device_dtype
 from tformer.generation.prompts import _check_prompts, _encode, _name
 from tformer.generation.results import Candidate, FillMaskResult
+from tformer.generation.stream import hidden_tokens
 from tformer.model.transformer import EncoderModel
 
 
@@ -30,7 +31,7 @@ def fill_mask(
         raise TformerError("the tokenizer has no <mask> token")
     _check_prompts(prompts)
     device, _ = device_dtype(model)
-    encoded = [_encode(tokenizer, p) for p in prompts]
+    encoded = [_encode(tokenizer, mask_prompt(tokenizer, p, specials.mask)) for p in prompts]
     for i, ids in enumerate(encoded):
         if specials.mask not in ids:
             raise TformerError(f"{_name(i, len(prompts))} has no <mask>: an encoder model fills in <mask> tokens, "
@@ -44,6 +45,7 @@ def fill_mask(
     real = torch.tensor([[True] * len(ids) + [False] * (T - len(ids)) for ids in encoded], device=device)
     probs = model(idx, key_padding_mask=real).logits.float().softmax(dim=-1)  # (B, T, V)
     results = []
+    hidden = hidden_tokens(specials)
     for b, (prompt, ids) in enumerate(zip(prompts, encoded)):
         where = [t for t, i in enumerate(ids) if i == specials.mask]
         p, cand = probs[b, where].topk(min(top, probs.size(-1)), dim=-1)  # (n_masks, top)
@@ -52,5 +54,6 @@ def fill_mask(
         filled = list(ids)
         for t, options in zip(where, masks):
             filled[t] = options[0].id
-        results.append(FillMaskResult(prompt, masks, tokenizer.decode(filled, skip_special_tokens=False)))
+        shown = [i for i in filled if i not in hidden]  # a template's [CLS] ... [SEP] are not part of the text
+        results.append(FillMaskResult(prompt, masks, tokenizer.decode(shown, skip_special_tokens=False)))
     return results

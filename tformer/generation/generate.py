@@ -45,12 +45,13 @@ def generate(
     seed = cfg.seed if cfg.seed is not None else (None if cfg.greedy else random.randrange(2**31))
     token_bytes = token_bytes_of(tokenizer)
     hidden = frozenset() if cfg.show_special else hidden_tokens(specials)
-    rows = [Row(r, tokenizer, specials.eos, cfg.stop, on_text, token_bytes, hidden) for r in range(len(prompts) * k)]
+    rows = [Row(r, tokenizer, specials.stops, cfg.stop, on_text, token_bytes, hidden) for r in range(len(prompts) * k)]
     memory, memory_mask = prep.memory, prep.memory_mask
     if memory is not None:
         memory, memory_mask = memory.repeat_interleave(k, 0), memory_mask.repeat_interleave(k, 0)
     timings, slides = decode(model, [prep.starts[r // k] for r in range(len(rows))], rows, cfg, seed or 0,
-                             memory, memory_mask, prep.pad, never_sampled(specials, token_bytes is not None))
+                             memory, memory_mask, prep.pad, never_sampled(specials, token_bytes is not None),
+                             specials.forced_bos, specials.forced_eos)
     timings = prep.time(timings)
     if slides:
         ctx = model.cfg.max_seq_len

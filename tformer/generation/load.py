@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,5 +52,26 @@ def load(checkpoint: str | Path | None = None, device: str = "auto", dtype: str 
     check_fits(tokenizer, ckpt.config.vocab_size, ckpt.tokenizer_path)
     if torch_device.type == "cpu":
         cpu_decoding_layout(ckpt.model)
-    return Loaded(ckpt.model, ckpt.config, tokenizer, special_ids(tokenizer), ckpt.path, torch_device,
+    return Loaded(ckpt.model, ckpt.config, tokenizer, checkpoint_specials(tokenizer, ckpt.extra), ckpt.path, torch_device,
                   precision.dtype, note)
+
+
+def checkpoint_specials(tokenizer: Tokenizer, extra: dict) -> SpecialIds:
+    """The tokenizer's special ids, overridden by a Hugging Face checkpoint's generation ids (its config is what
+    transformers decodes with: pad, bos and eos, the decoder's start token, forced first and last tokens)."""
+    found = special_ids(tokenizer)
+    ids = extra.get("generation") if isinstance(extra.get("generation"), dict) else None
+    if not ids:
+        return found
+    eos = ids.get("eos_token_id")
+    eos_list = [eos] if isinstance(eos, int) else list(eos or [])
+    return dataclasses.replace(
+        found,
+        pad=ids["pad_token_id"] if ids.get("pad_token_id") is not None else found.pad,
+        bos=ids["bos_token_id"] if ids.get("bos_token_id") is not None else found.bos,
+        eos=eos_list[0] if eos_list else found.eos,
+        also_eos=tuple(eos_list[1:]),
+        decoder_start=ids.get("decoder_start_token_id"),
+        forced_bos=ids.get("forced_bos_token_id"),
+        forced_eos=ids.get("forced_eos_token_id"),
+    )

@@ -20,7 +20,9 @@ from tformer.model.transformer import DecoderLM, EncoderModel, Seq2Seq
 # -- prompts --------------------------------------------------------------------------------------
 
 def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=False).ids
+    # The tokenizer's own template applies (a Llama <s>, BERT's [CLS] ... [SEP]), as transformers encodes;
+    # the tokenizers tformer trains have none.
+    return tokenizer.encode(text).ids
 
 
 def _fit(ids: list[int], limit: int, what: str, notices: list[str]) -> list[int]:
@@ -115,7 +117,8 @@ def prepare(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], spec
                                f"this checkpoint is a decoder (arch={model.cfg.arch})")
         starts = [_fit(ids, ctx, _name(i, len(prompts)), notices) for i, ids in enumerate(encoded)]
         return Prepared(starts, [len(s) for s in starts], None, None, pad, notices, time.perf_counter() - start)
-    if specials.bos is None:
+    start = specials.decoder_start if specials.decoder_start is not None else specials.bos
+    if start is None:
         raise TformerError("the tokenizer has no <bos> token, which starts an encoder-decoder's output")
     # A source with <mask> asks for denoising: such sources were trained ending in <eos>.
     sources = [ids + [specials.eos] if specials.mask in ids and specials.eos is not None else ids
@@ -126,5 +129,5 @@ def prepare(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], spec
     src_mask = torch.tensor([[True] * len(s) + [False] * (S - len(s)) for s in sources], device=device)
     memory, _ = model.encode(src, src_mask)
     sync(device)
-    return Prepared([[specials.bos] for _ in prompts], [len(s) for s in sources], memory, src_mask, pad, notices,
+    return Prepared([[start] for _ in prompts], [len(s) for s in sources], memory, src_mask, pad, notices,
                      time.perf_counter() - start)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ OnText = Callable[[int, str], None]
 def hidden_tokens(specials: SpecialIds) -> frozenset[int]:
     """The special tokens a completion's text leaves out (their ids stay in the token ids): all but <eos>,
     which ends the row instead."""
-    return frozenset(i for i in specials.to_dict().values() if i is not None and i != specials.eos)
+    return frozenset(i for i in specials.to_dict().values() if i is not None and i not in specials.stops)
 
 
 class Row:
@@ -33,10 +33,11 @@ class Row:
     is known not to be one.
     """
 
-    def __init__(self, index: int, tokenizer: Tokenizer, eos: int | None, stops: Sequence[str],
+    def __init__(self, index: int, tokenizer: Tokenizer, eos: int | Collection[int] | None, stops: Sequence[str],
                  on_text: OnText | None, token_bytes: Callable[[int], bytes] | None = None,
                  hidden: frozenset[int] = frozenset()):
-        self.index, self.tokenizer, self.eos, self.stops, self.on_text = index, tokenizer, eos, stops, on_text
+        self.index, self.tokenizer, self.stops, self.on_text = index, tokenizer, stops, on_text
+        self.eos = frozenset([eos] if isinstance(eos, int) else eos or ())  # the tokens that end the row
         self.hidden = hidden  # ids kept in `ids` but not shown in the text (special tokens)
         self.ids: list[int] = []
         self.text = ""  # whole characters decoded so far
@@ -54,7 +55,7 @@ class Row:
     def add(self, token: int) -> None:
         if self.done:
             return
-        if token == self.eos:
+        if token in self.eos:
             self.finish("eos")
             return
         self.ids.append(token)

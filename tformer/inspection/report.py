@@ -159,7 +159,7 @@ def check_selection(cfg: ModelConfig, stack: str | None, layer: int | None, head
 
 
 def _encode(tok: Any, text: str, what: str, cfg: ModelConfig) -> list[int]:
-    ids = tok.encode(text, add_special_tokens=False).ids
+    ids = tok.encode(text).ids  # with the tokenizer's template, as generate encodes
     if not ids:
         raise TformerError(f"{what} is empty after tokenization; give some text")
     if len(ids) > cfg.max_seq_len:
