@@ -170,11 +170,12 @@ def test_the_mask_absorbs_the_space_before_it():
 
     texts = ["the king and the queen sat on the mat and the cat ran to the king"] * 20
     tok = train_bpe(texts, vocab_size=300)
-    pieces = tok.encode("the <mask> and").tokens
-    assert pieces == ["the", "<mask>", "Ġand"]
+    encoding = tok.encode("the <mask> and")
+    assert encoding.ids[1] == MASK and encoding.tokens[::2] == ["the", "Ġand"] and len(encoding.ids) == 3
     doc = json.loads(tok.to_str())
     for added in doc["added_tokens"]:
         added["lstrip"] = False  # as tokenizers written before the fix
     old = Tokenizer.from_str(json.dumps(doc))
     assert "Ġ" in old.encode("the <mask> and").tokens  # the defect, without help
     assert old.encode(mask_prompt(old, "the <mask> and", MASK)).tokens == ["the", "<mask>", "Ġand"]
+    assert old.encode(mask_prompt(old, "the <mask> and", MASK)).ids == encoding.ids
