@@ -115,3 +115,25 @@ def test_inspect_reads_imported_directories(tmp_path, tokenizer, name, prompt):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["anatomy"]["source"] == f"hf-{name}" and doc["attention"]
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_bart_decodes_with_its_own_start_and_forced_tokens(tmp_path, tokenizer, beams):
+    """BART's generation ids as transformers uses them: the decoder starts with decoder_start_token_id (</s>),
+    forced_bos_token_id is the first token and forced_eos_token_id the last when the length runs out."""
+    hf = hf_dir(tmp_path, "bart", tokenizer)
+    hf.generation_config.forced_bos_token_id = 0
+    hf.generation_config.forced_eos_token_id = 2
+    hf.generation_config.save_pretrained(tmp_path)
+    result = runner.invoke(app, ["generate", "-c", str(tmp_path), "-p", "the cat sat", "-n", "12", "--beams",
+                                 str(beams), "--json"])
+    assert result.exit_code == 0, result.output
+    ours = json.loads(result.stdout)["completions"][0]["token_ids"]
+    src = torch.tensor([tokenizer.encode("the cat sat").ids])
+    with torch.no_grad():
+        ref = hf.generate(src, max_new_tokens=12, do_sample=False, num_beams=beams, early_stopping=False,
+                          length_penalty=1.0)[0].tolist()
+    assert ref[0] == 2 and ref[1] == 0  # decoder start, then the forced <s>
+    ref = ref[1:]
+    ref = ref[:ref.index(2)] if 2 in ref else ref  # our ids stop before the eos that ends the row
+    assert ours == ref

@@ -116,7 +116,9 @@ def _beam_search(
                 if not done[b]:
                     chosen = _expand(hyps[b], list(zip(top_scores[b], top_index[b])), n, V, b * n, seqs, eos)
                     done[b] = _finished(hyps[b], chosen, cfg.early_stopping, t + 1)
-                chosen += [(0.0, pad, b * n)] * (n - len(chosen))  # finished prompts keep dummy rows
+                # dummy rows fill the beams of a finished prompt (or of a step with fewer live candidates, as after
+                # a forced token): a score of -inf keeps them from ever being chosen
+                chosen += [(float("-inf"), pad, b * n)] * (n - len(chosen))
                 for score, token, row in chosen:
                     index.append(row)
                     tokens.append(token)
@@ -127,7 +129,8 @@ def _beam_search(
             if t == max_new - 1:  # out of tokens: the running beams compete with the finished ones
                 for b in (b for b in range(B) if not done[b]):
                     for j in range(n):
-                        hyps[b].add(seqs[b * n + j], new_scores[b * n + j], "length")
+                        if new_scores[b * n + j] > float("-inf"):
+                            hyps[b].add(seqs[b * n + j], new_scores[b * n + j], "length")
                 break
             scores = torch.tensor(new_scores, device=device).view(B, n)
             window.select_rows(torch.tensor(index, device=device))
