@@ -137,3 +137,18 @@ def test_bart_decodes_with_its_own_start_and_forced_tokens(tmp_path, tokenizer, 
     ref = ref[1:]
     ref = ref[:ref.index(2)] if 2 in ref else ref  # our ids stop before the eos that ends the row
     assert ours == ref
+
+
+def test_half_precision_weights_keep_their_dtype_on_a_gpu(tmp_path):
+    """The headers decide: a checkpoint stored mostly in bf16 (or fp16) loads in that dtype on a GPU with
+    --dtype auto; fp32 checkpoints get the usual choice."""
+    from safetensors.torch import save_file
+
+    from tformer.generation.load import stored_half_dtype
+
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, None)):
+        d = tmp_path / str(dtype)
+        d.mkdir()
+        save_file({"a": torch.zeros(64, 64, dtype=dtype), "norm": torch.zeros(8)}, str(d / "model.safetensors"))
+        assert stored_half_dtype(d) == name
+    assert stored_half_dtype(tmp_path / "missing") is None

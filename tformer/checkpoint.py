@@ -8,7 +8,9 @@ Only safetensors and JSON are ever read: no pickle. A directory written by Huggi
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -319,6 +321,21 @@ def load_state(model: nn.Module, tensors: dict[str, Tensor], where: str, assign:
 def _names(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(f"'{n}'" for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+                "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def stored_dtypes(files: list[Path]) -> dict[str, int]:
+    """Bytes of tensor data per stored dtype ("F32", "BF16", ...), read from the safetensors headers only."""
+    sizes: Counter[str] = Counter()
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                sizes[piece.get_dtype()] += math.prod(piece.get_shape()) * DTYPE_BYTES.get(piece.get_dtype(), 4)
+    return dict(sizes)
 
 
 def weight_files(directory: Path) -> list[Path]:

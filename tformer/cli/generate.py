@@ -56,6 +56,9 @@ def generate(
                                       help="Print special tokens (<pad>, <unk>, ...) in completions; --json always "
                                            "keeps their ids."),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP, show_default=False),
+    chat: bool = typer.Option(False, "--chat", help="Render the prompt as a user turn with the checkpoint's chat "
+                              "template (tokenizer_config.json; needs jinja2: pip install 'tformer[chat]') and stop "
+                              "at the end of the assistant's turn."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence every step (slow; a check)."),
     device: str = typer.Option("auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps."),
     dtype: str = typer.Option("auto", help="auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16 or fp16 (or float32, "
@@ -107,16 +110,19 @@ def generate(
 
         if beams == 1:  # one beam is greedy decoding
             cfg = dataclasses.replace(cfg, temperature=0.0)
+        specials, shown = loaded.specials, prompts
+        if chat:
+            prompts, specials = chat_prompts(loaded, prompts)
         streaming = not json_out and len(prompts) * num_samples == 1 and cfg.beams == 1
 
-        echo = [prompts[0] if loaded.config.arch == "decoder" else ""]  # a decoder's prompt is shown first
+        echo = [shown[0] if loaded.config.arch == "decoder" and not chat else ""]  # a decoder's prompt comes first
 
         def on_text(row: int, text: str) -> None:
             sys.stdout.write(echo.pop() + text if echo else text)
             sys.stdout.flush()
 
         result = generate_text(loaded.model, loaded.tokenizer, prompts, cfg, on_text if streaming else None,
-                               specials=loaded.specials)
+                               specials=specials, add_special_tokens=not chat)
         if json_out:
             doc = {**header, "config": {k: v for k, v in vars(cfg).items()}, **result.to_dict()}
             print(json.dumps(doc, ensure_ascii=False))
@@ -133,3 +139,18 @@ def generate(
             note(message)
         if not quiet and not json_out:
             err_console.print(result.timings.describe(), highlight=False, soft_wrap=True, style="dim")
+
+
+def chat_prompts(loaded, prompts: list[str]) -> tuple[list[str], object]:
+    """--chat: each prompt rendered as a user turn by the checkpoint's chat template, and the special ids with
+    the template's end-of-turn tokens among those that end a row."""
+    from tformer.errors import TformerError
+    from tformer.hf.chat import chat_template, end_of_turn_ids, render_chat
+
+    config = chat_template(loaded.path)
+    if config is None:
+        raise TformerError(f"--chat needs a chat_template in {loaded.path / 'tokenizer_config.json'}; this checkpoint "
+                           "has none (give the prompt as plain text instead)")
+    stops = end_of_turn_ids(config, loaded.tokenizer.get_vocab(with_added_tokens=True), loaded.extra_generation)
+    specials = dataclasses.replace(loaded.specials, also_eos=tuple(sorted(stops - loaded.specials.stops)))
+    return [render_chat(config, p) for p in prompts], specials

@@ -147,7 +147,7 @@ def _beam_search(
 @torch.no_grad()
 def beam_search(
     model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], cfg: GenerateConfig,
-    specials: SpecialIds | None = None,
+    specials: SpecialIds | None = None, add_special_tokens: bool = True,
 ) -> GenerateResult:
     """Beam search with `cfg.beams` beams per prompt (1 beam is greedy decoding); returns the best
     `cfg.num_samples` hypotheses of each prompt, best first, each with every kept beam in `beams`.
@@ -155,12 +155,13 @@ def beam_search(
     if cfg.beams == 1:  # one beam is greedy decoding: the same engine as generate at temperature 0
         from tformer.generation.generate import generate
 
-        return generate(model, tokenizer, prompts, dataclasses.replace(cfg, temperature=0.0), specials=specials)
+        return generate(model, tokenizer, prompts, dataclasses.replace(cfg, temperature=0.0), specials=specials,
+                        add_special_tokens=add_special_tokens)
     if cfg.num_samples > cfg.beams:
         raise ConfigError(f"--num-samples={cfg.num_samples} must be <= --beams={cfg.beams} with beam search")
     specials = specials or special_ids(tokenizer)
     model = unwrap_model(model)
-    prep = prepare(model, tokenizer, prompts, specials)
+    prep = prepare(model, tokenizer, prompts, specials, add_special_tokens)
     ctx = model.cfg.max_seq_len
     longest = max(len(s) for s in prep.starts)
     max_new = min(cfg.new_tokens(ctx, longest), ctx - longest + 1)

@@ -24,7 +24,7 @@ from tformer.generation.stream import OnText, Row, hidden_tokens
 @torch.no_grad()
 def generate(
     model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], cfg: GenerateConfig | None = None,
-    on_text: OnText | None = None, specials: SpecialIds | None = None,
+    on_text: OnText | None = None, specials: SpecialIds | None = None, add_special_tokens: bool = True,
 ) -> GenerateResult:
     """Continue each prompt (decoder-only) or translate it (encoder-decoder: the prompt is the source).
 
@@ -34,10 +34,10 @@ def generate(
     """
     cfg = cfg or GenerateConfig()
     if cfg.beams > 1:
-        return beam_search(model, tokenizer, prompts, cfg, specials)
+        return beam_search(model, tokenizer, prompts, cfg, specials, add_special_tokens)
     specials = specials or special_ids(tokenizer)
     model = unwrap_model(model)
-    prep = prepare(model, tokenizer, prompts, specials)
+    prep = prepare(model, tokenizer, prompts, specials, add_special_tokens)
     if cfg.compile and device_dtype(model)[0].type == "mps":
         cfg = dataclasses.replace(cfg, compile=False)
         prep.notices.append("--compile is not supported on Apple MPS: decoding without it")

@@ -13,6 +13,8 @@ from torch import nn
 from tformer.checkpoint import (
     load_checkpoint,
     resolve_checkpoint,
+    stored_dtypes,
+    weight_files,
 )
 from tformer.config import ModelConfig
 from tformer.data.tokenizer import SpecialIds, check_fits, load_tokenizer, special_ids
@@ -32,6 +34,7 @@ class Loaded:
     device: torch.device
     dtype: torch.dtype
     note: str | None = None  # how the checkpoint was chosen, when the user did not name it exactly
+    extra_generation: dict | None = None  # a Hugging Face checkpoint's generation ids, as read
 
 
 def load(checkpoint: str | Path | None = None, device: str = "auto", dtype: str = "auto") -> Loaded:
@@ -43,8 +46,10 @@ def load(checkpoint: str | Path | None = None, device: str = "auto", dtype: str 
     from tformer.device import resolve_device, resolve_precision
 
     torch_device = resolve_device(device)
-    precision = resolve_precision(dtype, torch_device)
     path, note = resolve_checkpoint(checkpoint)
+    if dtype == "auto" and torch_device.type == "cuda":
+        dtype = stored_half_dtype(path) or dtype  # bf16/fp16 weights stay in their dtype on a GPU
+    precision = resolve_precision(dtype, torch_device)
     ckpt = load_checkpoint(path, device=torch_device, dtype=precision.dtype)
     if ckpt.tokenizer_path is None:
         raise TformerError(f"checkpoint '{path}' has no tokenizer.json: its tokens cannot be turned into text")
@@ -52,8 +57,9 @@ def load(checkpoint: str | Path | None = None, device: str = "auto", dtype: str 
     check_fits(tokenizer, ckpt.config.vocab_size, ckpt.tokenizer_path)
     if torch_device.type == "cpu":
         cpu_decoding_layout(ckpt.model)
-    return Loaded(ckpt.model, ckpt.config, tokenizer, checkpoint_specials(tokenizer, ckpt.extra), ckpt.path, torch_device,
-                  precision.dtype, note)
+    return Loaded(ckpt.model, ckpt.config, tokenizer, checkpoint_specials(tokenizer, ckpt.extra), ckpt.path,
+                  torch_device,
+                  precision.dtype, note, ckpt.extra.get("generation"))
 
 
 def checkpoint_specials(tokenizer: Tokenizer, extra: dict) -> SpecialIds:
@@ -75,3 +81,13 @@ def checkpoint_specials(tokenizer: Tokenizer, extra: dict) -> SpecialIds:
         forced_bos=ids.get("forced_bos_token_id"),
         forced_eos=ids.get("forced_eos_token_id"),
     )
+
+
+def stored_half_dtype(directory: Path) -> str | None:
+    """"bf16" or "fp16" when most of a checkpoint's weight bytes are stored so (read from the headers only)."""
+    try:
+        sizes = stored_dtypes(weight_files(directory))
+    except (TformerError, OSError, ValueError):
+        return None  # loading says what is wrong
+    half = max(("BF16", "F16"), key=lambda k: sizes.get(k, 0))
+    return {"BF16": "bf16", "F16": "fp16"}[half] if sizes.get(half, 0) > sizes.get("F32", 0) else None

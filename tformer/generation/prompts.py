@@ -19,10 +19,10 @@ from tformer.model.transformer import DecoderLM, EncoderModel, Seq2Seq
 
 # -- prompts --------------------------------------------------------------------------------------
 
-def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
+def _encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
     # The tokenizer's own template applies (a Llama <s>, BERT's [CLS] ... [SEP]), as transformers encodes;
     # the tokenizers tformer trains have none.
-    return tokenizer.encode(text).ids
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
 
 def _fit(ids: list[int], limit: int, what: str, notices: list[str]) -> list[int]:
@@ -93,7 +93,10 @@ class Prepared:
         return timings
 
 
-def prepare(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], specials: SpecialIds) -> Prepared:
+def prepare(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], specials: SpecialIds,
+            add_special_tokens: bool = True) -> Prepared:
+    """Prompts as each row's first tokens (and, for an encoder-decoder, the encoded source). A prompt already
+    rendered by a chat template carries its own special tokens: `add_special_tokens=False`."""
     if isinstance(model, EncoderModel):
         raise TformerError("this is an encoder (masked-LM) model: it fills in <mask> tokens (fill_mask), "
                            "it does not continue text")
@@ -105,7 +108,7 @@ def prepare(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], spec
     start = time.perf_counter()
     ctx, notices = model.cfg.max_seq_len, []
     check_fits(tokenizer, model.cfg.vocab_size, "the tokenizer")
-    encoded = [_encode(tokenizer, p) for p in prompts]
+    encoded = [_encode(tokenizer, p, add_special_tokens) for p in prompts]
     for i, ids in enumerate(encoded):
         if not ids:
             raise TformerError(f"{_name(i, len(prompts))} encodes to no tokens")

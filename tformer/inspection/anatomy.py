@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import math
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
 from torch import nn
 
 from tformer.checkpoint import (
+    DTYPE_BYTES,
     OPTIMIZER_FILE,
     TRAINER_STATE_FILE,
     Checkpoint,
+    stored_dtypes,
     weight_files,
 )
 from tformer.config import ModelConfig
@@ -24,8 +23,6 @@ from tformer.model.layers import Embedding, FeedForward
 from tformer.model.transformer import MLMHead
 
 COMPONENTS = ("embeddings", "attention", "feed-forward", "norms", "output head")
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-                "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _DTYPE_NAMES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
@@ -57,17 +54,6 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
         counts[kind] = counts.get(kind, 0) + p.numel()
     counts["total"] = sum(counts.values())
     return counts
-
-
-def stored_dtypes(files: list[Path]) -> dict[str, int]:
-    """Bytes of tensor data per stored dtype ("F32", "BF16", ...), read from the safetensors headers only."""
-    sizes: Counter[str] = Counter()
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                piece = f.get_slice(name)
-                sizes[piece.get_dtype()] += math.prod(piece.get_shape()) * _DTYPE_BYTES.get(piece.get_dtype(), 4)
-    return dict(sizes)
 
 
 def memory_estimate(cfg: ModelConfig, n_params: int, bytes_per_param: int, batch: int, context: int,
@@ -190,7 +176,7 @@ def anatomy(ckpt: Checkpoint) -> dict[str, Any]:
         batch, context = 1, cfg.max_seq_len
         assumed = "batch 1 and max_seq_len (the checkpoint has no tformer training config)"
     activation_bytes = 2 if train_cfg.get("dtype") in ("bf16", "fp16") else 4
-    memory = memory_estimate(cfg, counts["total"], _DTYPE_BYTES.get(main_dtype, 4), batch, context,
+    memory = memory_estimate(cfg, counts["total"], DTYPE_BYTES.get(main_dtype, 4), batch, context,
                              activation_bytes)
     memory["assumed"] = assumed
     return {

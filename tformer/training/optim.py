@@ -37,7 +37,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_embedding = ".tok." in f".{name}" or ".pos." in f".{name}"
+        is_embedding = any(part in f".{name}" for part in (".tok.", ".pos.", ".token_type."))
         (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
