@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from tformer import __version__
 from tformer.cli import app
-from tformer.cli.app import run, user_errors
+from tformer.cli.common import run, user_errors
 from tformer.errors import CheckpointError
 
 runner = CliRunner()

@@ -358,7 +358,7 @@ def test_progress_bar_on_a_terminal(tmp_path, monkeypatch):
 
     from rich.console import Console
 
-    import tformer.cli.train as cli
+    import tformer.cli.train_view as cli
 
     screen = io.StringIO()
     monkeypatch.setattr(cli, "console", Console(file=screen, force_terminal=True, width=160))

@@ -271,3 +271,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         d_ff=1024, max_seq_len=256, dropout=0.1,
     ),
 }
+
+
+# torch's own names are accepted for --dtype too.
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32"}
+
+
+def canonical_dtype(name: str) -> str:
+    """`bfloat16` -> `bf16` (and the like); other names as given."""
+    return DTYPE_ALIASES.get(name, name) if isinstance(name, str) else name

@@ -7,16 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from tformer.config import canonical_dtype
 from tformer.errors import ConfigError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# torch's own names are accepted for --dtype too.
-DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32"}
-
-
-def canonical_dtype(name: str) -> str:
-    """`bfloat16` -> `bf16` (and the like); other names as given."""
-    return DTYPE_ALIASES.get(name, name) if isinstance(name, str) else name
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -1,7 +1,7 @@
 """The `tformer` command line: one thin module per command over the core package."""
 
 from tformer.cli import export, generate, inspect, tokenize, train  # noqa: F401  (each registers its command)
-from tformer.cli.app import (
+from tformer.cli.common import (
     app,
     console,
     err_console,

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from tformer.cli.app import app, err_console, print_note, user_errors
+from tformer.cli.common import app, err_console, print_note, user_errors
 
 
 @app.command("export")

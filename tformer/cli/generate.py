@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from tformer.cli.app import (
+from tformer.cli.common import (
     CHECKPOINT_HELP,
     THREADS_HELP,
     app,

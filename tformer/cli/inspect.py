@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from tformer.cli.app import (
+from tformer.cli.common import (
     CHECKPOINT_HELP,
     app,
     console,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
-from tformer.cli.app import app, console, err_console, user_errors
+from tformer.cli.common import app, console, err_console, user_errors
 
 
 # --- tokenize ---

@@ -1,4 +1,4 @@
-"""`tformer train`."""
+"""`tformer train`: options in panels, a live view of the run, and its summary."""
 
 from __future__ import annotations
 
@@ -6,82 +6,32 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
 
-from tformer.cli.app import app, console, err_console, print_note, user_errors
+from tformer.cli.common import THREADS_HELP, app, console, print_note, set_threads, user_errors
+from tformer.cli.train_view import TrainView, summary
+from tformer.config import ACTIVATIONS, NORM_PLACEMENTS, NORMS, POS_ENCODINGS, PRESETS
+from tformer.training.config import TRAIN_PRESETS, TrainConfig
 
-# --- train ---
-
-SPARK = "▁▂▃▄▅▆▇█"
-
-
-def sparkline(values: list[float], width: int = 60) -> str:
-    """A one-line drawing of a series (e.g. the loss), resampled to at most `width` characters."""
-    if not values:
-        return ""
-    if len(values) > width:
-        values = [values[int(i * len(values) / width)] for i in range(width)]
-    low, high = min(values), max(values)
-    span = (high - low) or 1.0
-    return "".join(SPARK[min(len(SPARK) - 1, int((v - low) / span * (len(SPARK) - 1) + 0.5))] for v in values)
+DEFAULT_PRESET = "tiny"
+_TINY = TRAIN_PRESETS[DEFAULT_PRESET]["train"]
 
 
-class _TrainView:
-    """What `tformer train` shows: a live progress bar on a terminal, plain log lines otherwise."""
+def _default(name: str) -> str:
+    """What an option is when not given: the default preset's value, else TrainConfig's."""
+    value = _TINY.get(name, getattr(TrainConfig, name, None))
+    return "preset" if value is None else str(value)
 
-    def __init__(self, quiet: bool):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
 
-        self.quiet = quiet
-        self.live = console.is_terminal and not quiet
-        self.losses: list[float] = []
-        self.vals: list[float] = []
-        self.info: dict = {}
-        self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-            TimeRemainingColumn(), console=console, transient=False,
-        ) if self.live else None
-        self.task = None
+def _opt(meta: str, *names: str, help: str, panel: str, default: str | None = None, **kw):
+    """An option that is None unless given (so presets and --config fill in), its default shown in --help."""
+    # a short metavar (N, X, NAME, PATH) instead of a type tag on every line
+    return typer.Option(None, *names, help=help, rich_help_panel=panel, show_default=default or False, metavar=meta,
+                        **kw)
 
-    def __call__(self, kind: str, info: dict) -> None:
-        if kind == "start":
-            self.info = info
-            line = (f"training {info['parameters']:,} parameters on {info['device']} ({info['dtype']}), "
-                    f"{info['total_steps']:,} steps, checkpoints in {info['out']}")
-            if not self.quiet:
-                console.print(line, highlight=False, soft_wrap=True)
-            if self.progress is not None:
-                self.progress.start()
-                self.task = self.progress.add_task("train", total=info["total_steps"], completed=info["step"],
-                                                   stats="")
-        elif kind == "log":
-            self.losses.append(info["loss"])
-            if "val_loss" in info:
-                self.vals.append(info["val_loss"])
-            stats = f"loss {info['loss']:.4f}"
-            if self.vals:
-                stats += f"  val {self.vals[-1]:.4f}"
-            if "val_bleu" in info:
-                stats += f"  BLEU {info['val_bleu']:.1f}"
-            stats += f"  lr {info['lr']:.2e}  {info['tokens_per_s']:,.0f} tok/s"
-            if "mfu" in info:
-                stats += f"  MFU {info['mfu']:.1%}"
-            if self.progress is not None:
-                self.progress.update(self.task, completed=info["step"], stats=stats)
-            elif not self.quiet:
-                print(f"step {info['step']}/{self.info.get('total_steps', '?')}  {stats}", flush=True)
-        elif kind == "notice" and not self.quiet:
-            err_console.print(f"[yellow]note:[/] {escape(info['message'])}", highlight=False, soft_wrap=True)
 
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+DATA, MODEL, OPTIM, SCHEDULE, EVAL, CKPT, DEVICE = ("Data", "Model", "Optimisation", "Schedule", "Evaluation",
+                                                    "Checkpoints", "Device")
+PRESET_NAMES = ", ".join([DEFAULT_PRESET] + sorted((set(TRAIN_PRESETS) | set(PRESETS)) - {DEFAULT_PRESET}))
 
 
 @app.command("train")
@@ -89,72 +39,108 @@ def train_command(
     corpus: Optional[List[Path]] = typer.Argument(
         None, help="Text files, directories, a .tsv of source<TAB>target pairs, or a `tformer tokenize` "
                    "output directory. Default: the built-in corpus.", show_default=False),
-    arch: Optional[str] = typer.Option(None, help="encoder, decoder (default) or encoder-decoder."),
-    preset: Optional[str] = typer.Option(None, help="Model/training preset: tiny (default), small, "
-                                         "baby-shakespeare, shakespeare-speedrun, gpt2, bert-base, vaswani-base, "
-                                         "vaswani-big."),
-    config: Optional[Path] = typer.Option(None, "--config", help="A TOML file of options; flags override it."),
-    d_model: Optional[int] = typer.Option(None, "--d-model", help="Model width."),
-    layers: Optional[int] = typer.Option(None, help="Layers (of each stack)."),
-    heads: Optional[int] = typer.Option(None, help="Attention heads."),
-    d_ff: Optional[int] = typer.Option(None, "--d-ff", help="Feed-forward width."),
-    context: Optional[int] = typer.Option(None, help="Tokens per training sequence."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per micro-batch (under "
-                                             "torchrun: the global one, split over the ranks)."),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
-    epochs: Optional[float] = typer.Option(None, help="Passes over the training data (instead of --steps)."),
-    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Stop (and save) after this many seconds."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
-    warmup: Optional[int] = typer.Option(None, help="Warmup steps."),
-    schedule: Optional[str] = typer.Option(None, help="cosine (default), noam (the paper's) or constant."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (not on norms, biases, embeddings)."),
-    dropout: Optional[float] = typer.Option(None, help="Dropout probability."),
-    clip: Optional[float] = typer.Option(None, help="Gradient-norm clipping (0: off)."),
-    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="Encoder-decoder label smoothing (default 0.1)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed."),
-    device: Optional[str] = typer.Option(None, help="auto (default), cpu, cuda or mps."),
-    dtype: Optional[str] = typer.Option(None, help="auto (default), fp32, bf16 or fp16."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
-    fsdp: Optional[bool] = typer.Option(None, "--fsdp/--no-fsdp", help="Under torchrun: shard parameters, "
-                                        "gradients and optimizer state with FSDP2 instead of DDP."),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Steps between evaluations (loss, perplexity, token accuracy; "
-                                            "BLEU for encoder-decoder pairs, with sacrebleu installed)."),
-    eval_batches: Optional[int] = typer.Option(None, "--eval-batches", help="Validation batches (0: the whole split)."),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Steps between checkpoints."),
-    log_every: Optional[int] = typer.Option(None, "--log-every", help="Steps between log lines."),
-    out: Optional[Path] = typer.Option(None, help="Run directory (default: checkpoints/<corpus>-<arch>)."),
-    resume: Optional[str] = typer.Option(None, help="Continue a run: a checkpoint directory, or `auto` (the latest of --out). "
-                                         "New raw text is encoded with the run's tokenizer."),
-    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from a checkpoint's weights (ours or a GPT-2 directory) and its tokenizer."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing run in --out."),
-    kind: Optional[str] = typer.Option(None, help="Tokenizer for raw text: bpe (default), char or byte."),
-    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="BPE vocabulary size."),
-    tokenizer: Optional[Path] = typer.Option(None, help="Encode raw text with this tokenizer.json."),
-    quiet: bool = typer.Option(False, "--quiet", help="Print only the final summary."),
+    # data
+    kind: Optional[str] = _opt("NAME", help="Tokenizer for raw text: bpe, char or byte.", panel=DATA, default="bpe"),
+    vocab_size: Optional[int] = _opt("N", "--vocab-size", help="BPE vocabulary size.", panel=DATA, default="4096"),
+    tokenizer: Optional[Path] = _opt("PATH", help="Encode raw text with this tokenizer.json.", panel=DATA),
+    context: Optional[int] = _opt("N", help="Tokens per training sequence.", panel=DATA, default=_default("context")),
+    # model
+    arch: Optional[str] = _opt("NAME", help="encoder, decoder or encoder-decoder.", panel=MODEL, default="decoder"),
+    preset: Optional[str] = _opt("NAME", help=f"Model and training preset: {PRESET_NAMES}.", panel=MODEL,
+                                 default=DEFAULT_PRESET),
+    config: Optional[Path] = _opt("PATH", "--config", help="A TOML file of options; flags override it.", panel=MODEL),
+    d_model: Optional[int] = _opt("N", "--d-model", help="Model width.", panel=MODEL, default="preset"),
+    layers: Optional[int] = _opt("N", help="Layers (of each stack).", panel=MODEL, default="preset"),
+    heads: Optional[int] = _opt("N", help="Attention heads.", panel=MODEL, default="preset"),
+    kv_heads: Optional[int] = _opt("N", "--kv-heads", help="Key/value heads (grouped-query attention; a divisor of "
+                                   "--heads).", panel=MODEL, default="--heads"),
+    d_ff: Optional[int] = _opt("N", "--d-ff", help="Feed-forward width.", panel=MODEL, default="preset"),
+    norm: Optional[str] = _opt("NAME", help=f"Normalisation: {', '.join(NORMS)}.", panel=MODEL, default="preset"),
+    norm_placement: Optional[str] = _opt("NAME", "--norm-placement", help=f"{', '.join(NORM_PLACEMENTS)} (post: as in the "
+                                         "paper; pre: GPT-2 and later).", panel=MODEL, default="preset"),
+    pos_encoding: Optional[str] = _opt("NAME", "--pos-encoding", help=f"Positions: {', '.join(POS_ENCODINGS)}.",
+                                       panel=MODEL, default="preset"),
+    activation: Optional[str] = _opt("NAME", help=f"Feed-forward activation: {', '.join(ACTIVATIONS)}.", panel=MODEL,
+                                     default="preset"),
+    bias: Optional[bool] = _opt("", "--bias/--no-bias", help="Biases in the linear layers and norms.", panel=MODEL,
+                                default="preset"),
+    tie_embeddings: Optional[bool] = _opt("", "--tie-embeddings/--no-tie-embeddings", help="Share the input embedding "
+                                          "and the output projection.", panel=MODEL, default="preset"),
+    dropout: Optional[float] = _opt("X", help="Dropout probability.", panel=MODEL, default="preset"),
+    # optimisation
+    batch_size: Optional[int] = _opt("N", "--batch-size", help="Sequences per micro-batch (under torchrun: the global "
+                                     "one, split over the ranks).", panel=OPTIM, default=_default("batch_size")),
+    grad_accum: Optional[int] = _opt("N", "--grad-accum", help="Micro-batches per optimizer step.", panel=OPTIM,
+                                     default=_default("grad_accum")),
+    lr: Optional[float] = _opt("X", help="Peak learning rate.", panel=OPTIM, default=_default("lr")),
+    weight_decay: Optional[float] = _opt("X", "--weight-decay", help="AdamW weight decay (not on norms, biases, "
+                                         "embeddings).", panel=OPTIM, default=_default("weight_decay")),
+    clip: Optional[float] = _opt("X", help="Gradient-norm clipping (0: off).", panel=OPTIM, default=_default("clip")),
+    label_smoothing: Optional[float] = _opt("X", "--label-smoothing", help="Encoder-decoder label smoothing.",
+                                            panel=OPTIM, default=_default("label_smoothing")),
+    seed: Optional[int] = _opt("N", help="Random seed.", panel=OPTIM, default=_default("seed")),
+    # schedule
+    steps: Optional[int] = _opt("N", help="Optimizer steps.", panel=SCHEDULE, default=_default("steps")),
+    epochs: Optional[float] = _opt("X", help="Passes over the training data (instead of --steps).", panel=SCHEDULE),
+    time_budget: Optional[float] = _opt("X", "--time-budget", help="Stop (and save) after this many seconds of this "
+                                        "command (a resumed run gets the whole budget again).", panel=SCHEDULE),
+    warmup: Optional[int] = _opt("N", help="Warmup steps.", panel=SCHEDULE, default=_default("warmup")),
+    schedule: Optional[str] = _opt("NAME", help="cosine, noam (the paper's) or constant.", panel=SCHEDULE,
+                                   default=_default("schedule")),
+    # evaluation
+    eval_every: Optional[int] = _opt("N", "--eval-every", help="Steps between evaluations (loss, perplexity, token "
+                                     "accuracy; BLEU for encoder-decoder pairs, with sacrebleu installed).",
+                                     panel=EVAL, default=_default("eval_every")),
+    eval_batches: Optional[int] = _opt("N", "--eval-batches", help="Validation batches (0: the whole split).",
+                                       panel=EVAL, default=_default("eval_batches")),
+    log_every: Optional[int] = _opt("N", "--log-every", help="Steps between log lines.", panel=EVAL,
+                                    default=_default("log_every")),
+    quiet: bool = typer.Option(False, "--quiet", help="Print only the final summary.", rich_help_panel=EVAL),
+    # checkpoints
+    out: Optional[Path] = _opt("PATH", help="Run directory.", panel=CKPT, default="checkpoints/<corpus>-<arch>"),
+    save_every: Optional[int] = _opt("N", "--save-every", help="Steps between checkpoints.", panel=CKPT,
+                                     default=_default("save_every")),
+    resume: Optional[str] = _opt("NAME", help="Continue a run: `auto` (the latest of --out), a run or checkpoint "
+                                 "directory. New raw text is encoded with the run's tokenizer.", panel=CKPT),
+    init_from: Optional[str] = _opt("NAME", "--init-from", help="Start from a checkpoint's weights and tokenizer (ours, a "
+                                    "Hugging Face directory, or a Hub name).", panel=CKPT),
+    force: bool = typer.Option(False, "--force", help="Replace an existing run in --out (once the new one is "
+                               "checked).", rich_help_panel=CKPT),
+    # device
+    device: Optional[str] = _opt("NAME", help="auto, cpu, cuda or mps.", panel=DEVICE, default="auto"),
+    dtype: Optional[str] = _opt("NAME", help="auto, fp32, bf16 or fp16 (or float32, bfloat16, float16).", panel=DEVICE,
+                                default="auto"),
+    compile: Optional[bool] = _opt("", "--compile/--no-compile", help="torch.compile the model.", panel=DEVICE,
+                                   default="no-compile"),
+    fsdp: Optional[bool] = _opt("", "--fsdp/--no-fsdp", help="Under torchrun: shard parameters, gradients and "
+                                "optimizer state with FSDP2 instead of DDP.", panel=DEVICE, default="no-fsdp"),
+    threads: Optional[int] = _opt("N", help=THREADS_HELP, panel=DEVICE, default="one per core"),
 ) -> None:
     """Train a model on your text (decoder: causal LM; encoder: masked LM; encoder-decoder: pairs or denoising)."""
+    from tformer.training import distributed
     from tformer.training import loop as core
     from tformer.training.plan import plan_run
 
-    options = dict(arch=arch, d_model=d_model, layers=layers, heads=heads, d_ff=d_ff, context=context,
-                   batch_size=batch_size, grad_accum=grad_accum, steps=steps, epochs=epochs, time_budget=time_budget,
-                   lr=lr, warmup=warmup, schedule=schedule, weight_decay=weight_decay, dropout=dropout, clip=clip,
-                   label_smoothing=label_smoothing, seed=seed, device=device, dtype=dtype, compile=compile,
-                   eval_every=eval_every, eval_batches=eval_batches, save_every=save_every, log_every=log_every,
-                   preset=preset, fsdp=fsdp)
-    from tformer.training import distributed
-
+    set_threads(threads)
+    options = dict(arch=arch, d_model=d_model, layers=layers, heads=heads, kv_heads=kv_heads, d_ff=d_ff, norm=norm,
+                   norm_placement=norm_placement, pos_encoding=pos_encoding, activation=activation, bias=bias,
+                   tie_embeddings=tie_embeddings, context=context, batch_size=batch_size, grad_accum=grad_accum,
+                   steps=steps, epochs=epochs, time_budget=time_budget, lr=lr, warmup=warmup, schedule=schedule,
+                   weight_decay=weight_decay, dropout=dropout, clip=clip, label_smoothing=label_smoothing, seed=seed,
+                   device=device, dtype=dtype, compile=compile, eval_every=eval_every, eval_batches=eval_batches,
+                   save_every=save_every, log_every=log_every, preset=preset, fsdp=fsdp)
     # distributed: under torchrun, join the process group; rank 0 alone prints and prepares the data first
     with user_errors(), distributed.process_group():
-        view = _TrainView(quiet or not distributed.is_main())
-        with distributed.rank_zero_first():
-            plan = plan_run(corpus, options, config_file=config, out=out, resume=resume, init_from=init_from,
-                                 force=force, kind=kind, vocab_size=vocab_size, tokenizer=tokenizer)
-        for message in plan.notes:
-            print_note(message)
-        stop = core.StopFlag()
+        view = TrainView(quiet or not distributed.is_main())
         try:
+            with distributed.rank_zero_first():
+                plan = plan_run(corpus, options, config_file=config, out=out, resume=resume,
+                                init_from=None if init_from is None else Path(init_from), force=force, kind=kind,
+                                vocab_size=vocab_size, tokenizer=tokenizer, on_tokenize=view.tokenizing)
+            view.planned()
+            for message in plan.notes:
+                print_note(message)
+            stop = core.StopFlag()
             with stop.installed():
                 result = core.train(plan.model_cfg, plan.train_cfg, plan.data, plan.out, resume=plan.resume,
                                     init_from=plan.init_model, on_event=view, stop=stop,
@@ -162,49 +148,8 @@ def train_command(
         finally:
             view.close()
         if distributed.is_main():
-            _train_summary(result, view, plan)
+            summary(result, view, plan)
             if distributed.world_size() > 1 and result.stopped != "done":
                 console.print(f"(under torchrun, with its options as before or any number of ranks: torchrun ... "
                               f"-m tformer train --out {result.out_dir} --resume auto)",
                               highlight=False, soft_wrap=True)
-
-
-def _train_summary(result, view: _TrainView, plan) -> None:
-    from rich.table import Table
-
-    from tformer.training.evaluate import BLEU_SAMPLE
-
-    table = Table(title="training run", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("steps", f"{result.step:,} / {result.total_steps:,}")
-    table.add_row("tokens seen", f"{result.tokens_seen:,}")
-    table.add_row("time", f"{result.elapsed:.1f} s")
-    if result.train_loss is not None:
-        table.add_row("train loss", f"{result.train_loss:.4f}")
-    if result.val:
-        table.add_row("validation loss", f"{result.val['val_loss']:.4f} (perplexity {result.val['val_ppl']:.2f})")
-        label = "masked-token accuracy" if plan.model_cfg.arch == "encoder" else "token accuracy"
-        table.add_row(label, f"{result.val['val_acc']:.1%}")
-        if "val_bleu" in result.val:
-            table.add_row("BLEU", f"{result.val['val_bleu']:.1f} (greedy, first {BLEU_SAMPLE} validation pairs)")
-    if result.best_val_loss is not None:
-        table.add_row("best validation loss", f"{result.best_val_loss:.4f}  ({result.out_dir / 'best'})")
-    table.add_row("latest checkpoint", str(result.out_dir / "latest"))
-    if view.losses:
-        table.add_row("loss", sparkline(view.losses) + f"  {view.losses[0]:.2f} → {view.losses[-1]:.2f}")
-    console.print(table)
-    if result.stopped == "interrupted":
-        console.print(f"stopped at step {result.step}; continue with: tformer train --out {result.out_dir} "
-                      f"--resume auto", highlight=False, soft_wrap=True)
-    elif result.stopped == "time budget":
-        console.print(f"time budget reached at step {result.step}; continue with: tformer train --out "
-                      f"{result.out_dir} --resume auto --time-budget SECONDS", highlight=False, soft_wrap=True)
-    if plan.sample is not None and result.model is not None and result.stopped != "interrupted":
-        try:
-            text = plan.sample(result.model)
-        except KeyboardInterrupt:  # everything is saved: Ctrl-C here only skips the sample
-            return
-        if text:
-            console.print("[bold]sample:[/]")
-            console.print(text, markup=False, highlight=False)

@@ -6,8 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from tformer.config import PRESETS, _choice, _from_dict, _positive_int
-from tformer.device import DTYPE_ALIASES
+from tformer.config import DTYPE_ALIASES, PRESETS, _choice, _from_dict, _positive_int
 from tformer.errors import ConfigError
 
 # -- training -----------------------------------------------------------------------------------

@@ -200,9 +200,10 @@ class _Run:
         cfg, state = self.cfg, self.state
         self.emit("start", {"total_steps": self.total_steps, "step": state.step, "dtype": self.precision.name,
                             "device": str(self.device) + distributed.describe(self.model),  # e.g. " x 8 ranks (DDP)"
-                            "parameters": self.n_params, "out": str(self.out)})
+                            "parameters": self.n_params, "out": str(self.out), "threads": torch.get_num_threads()})
         self.compiled.train()
-        self.started = time.perf_counter() - state.elapsed
+        self.invoked = time.perf_counter()  # --time-budget counts this command, not the runs before a resume
+        self.started = self.invoked - state.elapsed
         self.window_start, self.window_tokens = time.perf_counter(), 0
         stopped = "done"
         with open(self.metrics_path if distributed.is_main() else os.devnull, "a", encoding="utf-8") as metrics, \
@@ -210,7 +211,7 @@ class _Run:
             while state.step < self.total_steps:
                 step_loss = self.step()
                 last = state.step == self.total_steps
-                out_of_time = cfg.time_budget is not None and time.perf_counter() - self.started >= cfg.time_budget
+                out_of_time = cfg.time_budget is not None and time.perf_counter() - self.invoked >= cfg.time_budget
                 halt = distributed.any_rank(self.stop.requested is not None or out_of_time)  # stop together
                 eval_now = state.step % cfg.eval_every == 0 or last or halt
                 if state.step % cfg.log_every == 0 or eval_now:

@@ -28,8 +28,22 @@ CHECKPOINT_HELP = ("A checkpoint directory (ours, or a Hugging Face one), a trai
                    "checkpoint), or a directory of runs (the newest checkpoint below it). Default: the newest under "
                    "checkpoints/.")
 
-console = Console()
-err_console = Console(stderr=True)
+class _Console(Console):
+    """rich's Console, except that a closed output raises BrokenPipeError for the caller to handle (rich exits
+    the process): a training run must save its checkpoint even when the reader of its output is gone."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        stream = sys.stderr if self.stderr else sys.stdout
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())  # later writes go nowhere, quietly
+        except (OSError, ValueError):
+            pass
+        raise BrokenPipeError("the output was closed")
+
+
+console = _Console()
+err_console = _Console(stderr=True)
 
 
 def print_error(message: str) -> None:
@@ -91,6 +105,11 @@ def run(args: list[str] | None = None) -> NoReturn:
     except typer.Abort:
         print_error("aborted")
         raise SystemExit(1) from None
+    except BrokenPipeError:
+        # The reader of our output has gone (`tformer generate | head -1`): what was asked is done or saved;
+        # stop quietly, as command-line tools do, instead of a traceback at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None
     except Exception as e:
         # Click's usage errors (vendored by recent Typer versions, so matched by what they carry).
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
