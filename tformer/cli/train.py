@@ -7,7 +7,14 @@ from typing import List, Optional
 
 import typer
 
-from tformer.cli.common import THREADS_HELP, app, console, print_note, set_threads, user_errors
+from tformer.cli.common import (
+    THREADS_HELP,
+    app,
+    console,
+    print_note,
+    set_threads,
+    user_errors,
+)
 from tformer.cli.train_view import TrainView, summary
 from tformer.config import ACTIVATIONS, NORM_PLACEMENTS, NORMS, POS_ENCODINGS, PRESETS
 from tformer.training.config import TRAIN_PRESETS, TrainConfig

@@ -117,7 +117,8 @@ class TrainView:
     def _event(self, kind: str, info: dict) -> None:
         if kind == "start":
             self.info = info
-            threads = f", {info['threads']} threads" if info.get("threads") else ""
+            n = info.get("threads")
+            threads = f", {n} thread{'s' if n != 1 else ''}" if n else ""
             self._line(f"training {info['parameters']:,} parameters on {info['device']} ({info['dtype']}{threads}), "
                        f"{info['total_steps']:,} steps, checkpoints in {info['out']}")
             if self.progress is not None:

@@ -49,6 +49,7 @@ def to_json(ins: Inspection) -> dict[str, Any]:
             "target": report.target,
             "target_from": report.target_from,
             "target_tokens": report.target_tokens or None,
+            "target_note": report.target_note,
             "stacks": {name: {"causal": att.causal, "n_layers": att.n_layers, "n_heads": att.n_heads,
                               "queries": att.queries, "keys": att.keys, "layers": att.layers,
                               "heads": [asdict(h) for h in att.heads]}

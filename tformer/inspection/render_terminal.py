@@ -210,7 +210,23 @@ def render_heads(att: StackAttention) -> Table:
             row.append(_score(h.induction, INDUCTION_MIN))
         row.append(Text(", ".join(h.labels), style="bold green"))
         table.add_row(*row, end_section=h.head == att.n_heads - 1 and h.layer < att.n_layers - 1)
+    table.caption = head_legend(positional, induction)
+    table.caption_justify = "left"
     return table
+
+
+def head_legend(positional: bool, induction: bool) -> str:
+    """What the columns of the per-head table mean (weights are shares of a query's attention, 0 to 1)."""
+    parts = ["entropy: spread over the visible keys (1 uniform, 0 one key)"]
+    if positional:
+        parts.append("dist: mean distance to the keys attended, in tokens")
+    parts += ["max: largest single weight", "top key, share: the key receiving most attention overall"]
+    if positional:
+        parts += ["prev: weight on the previous token", "first: weight on the first token (a sink)"]
+    if induction:
+        parts.append("induct: attention to what followed the same token before, on a repeated random sequence "
+                     "(1 copies it; chance is near 0)")
+    return "; ".join(parts) + ". Coloured scores pass the threshold of the label they give."
 
 
 def render_layers(report: AttentionReport) -> Table:
@@ -287,13 +303,18 @@ def render(ins: Inspection) -> list[RenderableType]:
     out = render_anatomy(ins.anatomy)
     report = ins.attention
     if report is None:
+        out.append(Text("Give --prompt TEXT (or -p) to see what each attention head does on it.", style="dim"))
         return out
+    if ins.prompt_note:
+        out.append(Text(ins.prompt_note, style="dim"))
     seq2seq = "cross" in report.stacks
     inputs = [("source", "encoder"), ("decoder input", "decoder")] if seq2seq else [("input", next(iter(report.stacks)))]
     for what, name in inputs:
         labels = report.stacks[name].queries
         out.append(Text.assemble((f"{what}: ", "bold"), f"{len(labels)} token{'s' if len(labels) != 1 else ''}  ",
                                  (" ".join(labels), "cyan")))
+    if report.target_note:
+        out.append(Text(f"note: {report.target_note}", style="yellow"))
     out += [render_heads(att) for att in report.stacks.values()]
     out.append(render_layers(report))
     if report.alignment is not None:

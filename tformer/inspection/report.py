@@ -22,7 +22,8 @@ from tformer.checkpoint import (
     resolve_checkpoint,
 )
 from tformer.config import ModelConfig
-from tformer.data.tokenizer import SpecialIds, check_fits, is_byte_level
+from tformer.data.tokenizer import SpecialIds, check_fits, is_byte_level, load_tokenizer
+from tformer.data.tokens import open_tokens
 from tformer.errors import TformerError
 from tformer.generation.config import GenerateConfig
 from tformer.generation.generate import generate
@@ -305,6 +306,39 @@ class Inspection:
     attention: AttentionReport | None = None
     heatmap: Heatmap | None = None
     note: str | None = None  # how the checkpoint was chosen, when the user did not name it exactly
+    prompt_note: str | None = None  # where the prompt came from when none was given
+
+
+DEFAULT_PROMPT_TOKENS = 32  # tokens of the validation text shown when no prompt is given
+
+
+def default_prompt(ckpt: Checkpoint, tokens: int = DEFAULT_PROMPT_TOKENS) -> str | None:
+    """The start of the validation split the checkpoint was trained on (its first source, for pairs), as text;
+    None when the checkpoint does not name its data or the data is gone."""
+    data = ckpt.extra.get("data") if isinstance(ckpt.extra.get("data"), dict) else {}
+    directory = data.get("directory")
+    if not isinstance(directory, str) or ckpt.tokenizer_path is None:
+        return None
+    try:
+        found = open_tokens(resolve_data_dir(directory, ckpt.path))
+        tok = load_tokenizer(ckpt.tokenizer_path)
+        ids = found.pairs("val")[0][0] if found.is_pairs else found.tokens("val")[:tokens * 4]
+        text = tok.decode([int(i) for i in ids], skip_special_tokens=True)
+    except (TformerError, OSError, ValueError, IndexError, KeyError):
+        return None
+    ids = tok.encode(text).ids[:min(tokens, ckpt.config.max_seq_len)]
+    text = tok.decode(ids, skip_special_tokens=True)
+    return text if text.strip() else None
+
+
+def resolve_data_dir(directory: str, checkpoint: Path) -> Path:
+    """A run's data directory as recorded: absolute, relative to the run (the checkpoint's parent), or to the
+    directory the run was started from."""
+    path = Path(directory)
+    if path.is_absolute():
+        return path
+    beside = checkpoint.parent / path
+    return beside if beside.exists() else path
 
 
 def inspect_checkpoint(
@@ -329,6 +363,11 @@ def inspect_checkpoint(
     path, note = resolve_checkpoint(directory)
     ckpt = load_checkpoint(path, device="cpu")
     result = Inspection(ckpt, anatomy(ckpt), note=note)
+    if prompt is None:
+        prompt = default_prompt(ckpt)
+        if prompt is not None:
+            result.prompt_note = ("attention on the start of the model's own validation text (choose the text with "
+                                  "--prompt)")
     if prompt is not None:
         stack, shown_layer = check_selection(ckpt.config, stack, layer, head)
         report = attention_report(ckpt, prompt, target)
