@@ -30,11 +30,11 @@ from tformer.generation.generate import generate
 from tformer.inspection.anatomy import anatomy
 from tformer.inspection.stats import (
     HeadStats,
+    attention_weights,
     induction_scores,
     layer_summary,
     stack_heads,
 )
-from tformer.model.transformer import Seq2Seq
 
 HEATMAP_MAX_TOKENS = 64  # the terminal heatmap shows at most this many queries and keys
 HTML_MAX_TOKENS = 128  # the HTML page keeps at most this many (its size grows with the square)
@@ -46,9 +46,8 @@ ALIGN_TOP_K = 3  # source tokens listed per target token
 
 def _forward_weights(model: nn.Module, ids: Tensor, tgt: Tensor | None = None) -> dict[str, Tensor]:
     """The attention weights of one forward pass of (1, T) ids, per stack stacked to (L, H, T_q, T_k)."""
-    with torch.no_grad():
-        out = model(ids, tgt, need_weights=True) if isinstance(model, Seq2Seq) else model(ids, need_weights=True)
-    return {name: torch.stack([w[0] for w in ws]).float().cpu() for name, ws in out.attentions.items()}
+    attentions = attention_weights(model, ids, tgt)
+    return {name: torch.stack([w[0] for w in ws]).float().cpu() for name, ws in attentions.items()}
 
 
 # == tokens ======================================================================================

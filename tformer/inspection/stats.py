@@ -24,7 +24,6 @@ import torch
 from torch import Tensor, nn
 
 from tformer.config import ModelConfig
-from tformer.model.transformer import Seq2Seq
 
 # -- thresholds for head labels (scores are mean attention weights in [0, 1]) -------------------
 PREVIOUS_TOKEN_MIN = 0.5  # "previous-token": over half of the attention goes to the token before
@@ -178,6 +177,16 @@ def layer_summary(heads: list[HeadStats]) -> list[dict[str, Any]]:
 # == running the model ===========================================================================
 
 
+@torch.no_grad()
+def attention_weights(model: nn.Module, ids: Tensor, target: Tensor | None = None) -> dict[str, list[Tensor]]:
+    """Every attention's weights in one forward pass on the explicit softmax path: per stack a list over
+    layers of (B, H, T_q, T_k). An encoder-decoder reads `ids` as the source and `target` (default: the same
+    ids) as the decoder input."""
+    if model.cfg.has_encoder and model.cfg.has_decoder:
+        return model(ids, ids if target is None else target, need_weights=True).attentions
+    return model(ids, need_weights=True).attentions
+
+
 def induction_scores(model: nn.Module, length: int = INDUCTION_LENGTH, batch: int = INDUCTION_BATCH,
                      seed: int = INDUCTION_SEED, exclude: set[int] | frozenset[int] = frozenset()) -> Tensor | None:
     """Induction score (L, H) of each head of the causal (decoder) self-attention, or None without one.
@@ -196,9 +205,7 @@ def induction_scores(model: nn.Module, length: int = INDUCTION_LENGTH, batch: in
     first = torch.stack([allowed[torch.randperm(len(allowed), generator=g)[:n]] for _ in range(batch)])
     seq = torch.cat([first, first], dim=1)  # (B, 2n)
     device = next(model.parameters()).device
-    with torch.no_grad():
-        seq = seq.to(device)
-        out = model(seq, seq, need_weights=True) if isinstance(model, Seq2Seq) else model(seq, need_weights=True)
+    attentions = attention_weights(model, seq.to(device))
     q = torch.arange(n, 2 * n)
-    w = torch.stack(out.attentions["decoder"]).float().cpu()  # (L, B, H, 2n, 2n)
+    w = torch.stack(attentions["decoder"]).float().cpu()  # (L, B, H, 2n, 2n)
     return w[..., q, q - n + 1].mean(dim=(1, -1))  # (L, H)
