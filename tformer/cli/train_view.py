@@ -186,12 +186,14 @@ def summary(result: Any, view: TrainView, plan: Any) -> None:
         table.add_row("loss", sparkline(view.losses) + f"  {view.losses[0]:.2f} → {view.losses[-1]:.2f}")
     if not _write(console, table):
         return
+    hint = None
     if result.stopped == "interrupted":
-        view._line(f"stopped at step {result.step}; continue with: tformer train --out {result.out_dir} "
-                   f"--resume auto")
+        hint = f"stopped at step {result.step}; continue with: tformer train --out {result.out_dir} --resume auto"
     elif result.stopped == "time budget":
-        view._line(f"time budget reached at step {result.step}; continue with: tformer train --out "
-                   f"{result.out_dir} --resume auto --time-budget SECONDS")
+        hint = (f"time budget reached at step {result.step}; continue with: tformer train --out {result.out_dir} "
+                f"--resume auto --time-budget SECONDS")
+    if hint is not None and not _write(console, hint, highlight=False, soft_wrap=True):  # part of the summary
+        return
     if plan.sample is not None and result.model is not None and result.stopped != "interrupted":
         try:
             text = plan.sample(result.model)

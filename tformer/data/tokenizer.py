@@ -94,10 +94,9 @@ def _special_vocab() -> dict[str, int]:
 
 def _finish(tok: Tokenizer) -> Tokenizer:
     # Marks the specials as special (so transformers and skip_special_tokens know them); ids stay 0..4.
-    # <mask> absorbs the white space before it (as RoBERTa's does): "the <mask> sat" masks one token that
-    # carries its space (Ġking), as the masked-LM objective masks them, instead of a lone space token.
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False, lstrip=t == "<mask>")
-                            for t in SPECIAL_TOKENS])
+    # (No lstrip on <mask>: text that spells "<mask>" must round-trip exactly; fill-mask gives the space
+    # before a mask to the mask itself, see mask_prompt.)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tok
 
 
@@ -170,8 +169,9 @@ def train_tokenizer(texts: Iterable[str | list[str]], kind: str = "bpe", vocab_s
 
 def mask_prompt(tokenizer: Tokenizer, text: str, mask: int) -> str:
     """A fill-mask prompt as the tokenizer should see it: "<mask>" spelled as its mask token (BERT's [MASK]),
-    and, for byte-level tokenizers, the white space before each mask given to the mask (whose candidates
-    carry their own space, Ġking) even where the tokenizer was saved without RoBERTa's lstrip."""
+    and, for byte-level tokenizers, the white space before each mask absorbed by the mask, as RoBERTa's lstrip
+    does: "the <mask> sat" then masks one token that carries its space (Ġking), as the masked-LM objective
+    masks them in training, instead of a lone space token followed by space-less candidates."""
     token = tokenizer.id_to_token(mask)
     if token and token != "<mask>":
         text = text.replace("<mask>", token)
