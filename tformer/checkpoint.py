@@ -229,11 +229,20 @@ def load_checkpoint(
     Tensors are read on the CPU, checked against the config (every missing, unexpected or
     wrongly shaped tensor is an error that names it), then the model is moved to `device`/`dtype`.
     """
+    from tformer import checkpoint_checks, limits
+
     directory = _present(Path(directory)) or Path(directory)  # a swap stopped between its renames
     config, source, extra = read_config(directory)
+    # untrusted input: the memory the config asks for, then the headers, before a tensor is read
+    item = torch.finfo(dtype).bits // 8 if dtype is not None and dtype.is_floating_point else 4
+    values = limits.parameter_count(config)
+    limits.check_memory(f"the model of '{directory}'", values * (4 + item), torch.device(device))
+    expected = checkpoint_checks.expected_shapes(config) if source == FORMAT else None
+    checkpoint_checks.check_weight_headers(weight_files(directory), expected, budget=values * 8 + (1 << 20))
     tensors = read_safetensors(directory)
     if source == "hf-gpt2":
         tensors = gpt2_state_from_hf(tensors, config)
+    checkpoint_checks.check_tensors(tensors, str(directory))
     model = build_model(config)
     load_state(model, tensors, where=str(directory / WEIGHTS_FILE))
     model.to(device=device, dtype=dtype)
@@ -298,6 +307,9 @@ def read_safetensors(directory: Path) -> dict[str, Tensor]:
     for path in files:
         if not path.is_file():
             raise CheckpointError(f"weights file {path} is missing")
+        from tformer.checkpoint_checks import read_header
+
+        read_header(path)  # the header against the file's size, before the data is touched
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():
@@ -320,30 +332,32 @@ def gpt2_config_from_hf(hf: dict[str, Any], where: Path | str = "config.json") -
         if hf.get(flag, fine) != fine:
             raise CheckpointError(f"{where}: GPT-2 option {flag}={hf.get(flag)!r} is not supported")
     activation = hf.get("activation_function", "gelu_new")
-    if activation not in _HF_ACTIVATIONS:
+    if not isinstance(activation, str) or activation not in _HF_ACTIVATIONS:
         raise CheckpointError(
             f"{where}: activation_function={activation!r} is not supported; "
             f"supported: {', '.join(_HF_ACTIVATIONS)}"
         )
+    from tformer.checkpoint_checks import as_bool, as_float, as_int
+
     try:
-        d_model = int(hf["n_embd"])
+        d_model = as_int(hf, "n_embd")
         return ModelConfig(
             arch="decoder",
-            vocab_size=int(hf["vocab_size"]),
+            vocab_size=as_int(hf, "vocab_size"),
             d_model=d_model,
-            n_heads=int(hf["n_head"]),
+            n_heads=as_int(hf, "n_head"),
             n_encoder_layers=0,
-            n_decoder_layers=int(hf["n_layer"]),
-            d_ff=int(hf.get("n_inner") or 4 * d_model),
-            dropout=float(hf.get("resid_pdrop", 0.1)),
-            max_seq_len=int(hf["n_positions"]),
+            n_decoder_layers=as_int(hf, "n_layer"),
+            d_ff=as_int(hf, "n_inner", 4 * d_model),
+            dropout=as_float(hf, "resid_pdrop", 0.1),
+            max_seq_len=as_int(hf, "n_positions"),
             pos_encoding="learned",
             norm_placement="pre",
             norm="layernorm",
-            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            norm_eps=as_float(hf, "layer_norm_epsilon", 1e-5),
             activation=_HF_ACTIVATIONS[activation],
             bias=True,
-            tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            tie_embeddings=as_bool(hf, "tie_word_embeddings", True),
             scale_embeddings=False,
             init="gpt2",
         )

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from tformer import __version__
-from tformer.errors import TformerError
+from tformer.errors import TformerError, fault_message
 
 app = typer.Typer(
     name="tformer",
@@ -46,11 +46,17 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the core's TformerError into a one-line message instead of a traceback."""
+    """Turn the core's TformerError, and the faults of the machine (a file that cannot be written, a full
+    disk, memory), into a one-line message instead of a traceback."""
     try:
         yield
     except TformerError as e:
         fail(str(e))
+    except (OSError, MemoryError, OverflowError) as e:
+        message = fault_message(e)
+        if message is None:
+            raise
+        fail(message)
 
 
 def _print_version(value: bool) -> None:
@@ -76,6 +82,15 @@ def run(args: list[str] | None = None) -> NoReturn:
         code = app(args=args or ["--help"], prog_name="tformer", standalone_mode=False)
     except typer.Abort:
         print_error("aborted")
+        raise SystemExit(1) from None
+    except TformerError as e:  # raised outside a command's user_errors()
+        print_error(str(e))
+        raise SystemExit(1) from None
+    except (OSError, MemoryError, OverflowError) as e:
+        message = fault_message(e)
+        if message is None:
+            raise
+        print_error(message)
         raise SystemExit(1) from None
     except Exception as e:
         # Click's usage errors (vendored by recent Typer versions, so matched by what they carry).

@@ -59,7 +59,7 @@ def generate(
             print_note(message)
 
     with user_errors():
-        stdin = None if prompt is not None or prompt_file is not None or sys.stdin.isatty() else sys.stdin.read()
+        stdin = None if prompt is not None or prompt_file is not None or sys.stdin.isatty() else read_stdin()
         prompts = read_prompts(prompt, prompt_file, stdin)
         cfg = GenerateConfig(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -110,3 +110,20 @@ def generate(
             note(message)
         if not quiet and not json_out:
             err_console.print(result.timings.describe(), highlight=False, soft_wrap=True, style="dim")
+
+
+def read_stdin() -> str:
+    """All of stdin as text; bytes that are not UTF-8 are refused naming their offset (as in --prompt-file)."""
+    from tformer.errors import TformerError
+
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream without bytes underneath (a test harness)
+        try:
+            return sys.stdin.read()
+        except UnicodeDecodeError as e:
+            raise TformerError(f"stdin is not UTF-8 text (byte {e.start}); give UTF-8 text") from None
+    data = stream.read()
+    try:  # line ends as text-mode stdin reads them
+        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as e:
+        raise TformerError(f"stdin is not UTF-8 text (byte {e.start}); give UTF-8 text") from None
