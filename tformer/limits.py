@@ -86,14 +86,14 @@ def training_bytes(model_cfg: Any, batch_size: int, context: int, dtype_bytes: i
     return 16 * params + tokens * per_token * dtype_bytes
 
 
-def decoding_bytes(model_cfg: Any, rows: int, dtype_bytes: int) -> int:
-    """The memory generation needs: the weights, a static KV cache of `max_seq_len` slots per row and layer
-    (two of them, self and cross, for an encoder-decoder), and a row of logits per row."""
-    params = parameter_count(model_cfg)
+def decoding_bytes(model_cfg: Any, rows: int, slots: int, dtype_bytes: int, weights: bool = True) -> int:
+    """The memory generation needs: the weights (unless already loaded), a static KV cache of `slots`
+    positions per row and layer (plus the cross-attention keys and values of an encoder-decoder), and
+    the logits of each row."""
     kv_dim = (model_cfg.n_kv_heads or model_cfg.n_heads) * (model_cfg.d_model // model_cfg.n_heads)
     caches = 2 if model_cfg.arch == "encoder-decoder" else 1
-    cache = 2 * caches * model_cfg.n_decoder_layers * rows * model_cfg.max_seq_len * kv_dim * dtype_bytes
-    return params * dtype_bytes + cache + rows * model_cfg.vocab_size * 4 * 2
+    cache = 2 * caches * model_cfg.n_decoder_layers * rows * slots * kv_dim * dtype_bytes
+    return (parameter_count(model_cfg) * dtype_bytes if weights else 0) + cache + rows * model_cfg.vocab_size * 8
 
 
 def available_bytes(device: Any = "cpu") -> int | None:

@@ -68,6 +68,7 @@ def generate(
             compile=compile, fill_top=top,
         )
         loaded = load(checkpoint, device=device, dtype=dtype)
+        check_decoding_memory(loaded, prompts, cfg)
         header = {"checkpoint": str(loaded.path), "arch": loaded.config.arch}
         if loaded.note:
             note(loaded.note)
@@ -127,3 +128,17 @@ def read_stdin() -> str:
         return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as e:
         raise TformerError(f"stdin is not UTF-8 text (byte {e.start}); give UTF-8 text") from None
+
+
+def check_decoding_memory(loaded, prompts: list[str], cfg: GenerateConfig) -> None:
+    """Refuse, before the KV cache is allocated, a batch (prompts x samples, or x beams) that cannot fit."""
+    from tformer.limits import check_memory, decoding_bytes
+
+    if loaded.config.arch == "encoder":
+        return
+    rows = len(prompts) * (cfg.beams if cfg.beams > 1 else cfg.num_samples)
+    # a prompt has at most as many tokens as bytes (every tokenizer here covers a byte with one token or fewer)
+    slots = min(loaded.config.max_seq_len, cfg.max_new_tokens + max(len(p.encode()) for p in prompts) + 1)
+    needed = decoding_bytes(loaded.config, rows, slots, loaded.dtype.itemsize, weights=False)
+    check_memory(f"generating {rows:,} row(s) of up to {slots:,} tokens", needed, loaded.device,
+                 advice="use fewer prompts, --num-samples or --beams, or a smaller --max-new-tokens")

@@ -150,7 +150,8 @@ def train_command(
         view = _TrainView(quiet or not distributed.is_main())
         with distributed.rank_zero_first():
             plan = plan_run(corpus, options, config_file=config, out=out, resume=resume, init_from=init_from,
-                                 force=force, kind=kind, vocab_size=vocab_size, tokenizer=tokenizer)
+                                 force=force, kind=kind, vocab_size=vocab_size, tokenizer=tokenizer,
+                                 lock=distributed.is_main())  # one training per --out (rank 0 holds it)
         for message in plan.notes:
             print_note(message)
         stop = core.StopFlag()
@@ -161,6 +162,7 @@ def train_command(
                                     extra_config=plan.extra_config)
         finally:
             view.close()
+            plan.release()
         if distributed.is_main():
             _train_summary(result, view, plan)
             if distributed.world_size() > 1 and result.stopped != "done":
