@@ -519,3 +519,46 @@ def test_a_full_disk_stops_training_with_the_last_checkpoint_intact(base: Path, 
         assert load_checkpoint(mount / "run" / "latest").config.d_model == 32
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+# -- flat memory on any text --------------------------------------------------------------------------
+
+def test_text_without_whitespace_streams_in_bounded_pieces(tmp_path: Path):
+    """A 300 KB line with no space or newline is read in pieces of at most WORD_BYTES (plus a character),
+    each a whole number of UTF-8 characters, and they add up to the text."""
+    from tformer.data.corpus import WORD_BYTES, find_corpus, read_pieces
+
+    text = ("abcdé€𝄞" * 40_000)[:100_000]
+    path = tmp_path / "long.txt"
+    path.write_text(text, encoding="utf-8")
+    pieces = [piece for piece, _, _ in read_pieces(find_corpus([path])[0], path.stat().st_size, "strict")]
+    assert "".join(pieces) == text
+    assert max(len(p.encode()) for p in pieces) <= WORD_BYTES + 4
+
+
+def test_a_long_word_after_spaces_ends_the_piece_before_it():
+    from tformer.data.corpus import WORD_BYTES, _piece_end
+
+    buf = b"some words then " + b"x" * (4 * WORD_BYTES) + b" end"
+    assert _piece_end(buf, len(buf) - 1) == len(b"some words then")
+    assert _piece_end(buf[16:], len(buf) - 17) == WORD_BYTES
+
+
+def test_bpe_on_text_without_newlines_round_trips(tmp_path: Path, monkeypatch):
+    import random
+
+    import numpy as np
+
+    from tformer.data.tokenizer import load_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    rng = random.Random(0)
+    text = "".join(rng.choice("abcdefgh") for _ in range(60_000)) + " tail words"
+    (tmp_path / "long.txt").write_text(text)
+    started = time.perf_counter()
+    assert invoke(["tokenize", "long.txt", "--vocab-size", "300", "--out", "tok"]) == 0
+    assert time.perf_counter() - started < 30
+    meta = json.loads((tmp_path / "tok" / "meta.json").read_text())
+    ids = [np.fromfile(tmp_path / "tok" / f"{s}.bin", dtype=meta["dtype"]) for s in ("train", "val")]
+    tok = load_tokenizer(tmp_path / "tok" / "tokenizer.json")
+    assert "".join(tok.decode(i.tolist(), skip_special_tokens=False) for i in ids) == text

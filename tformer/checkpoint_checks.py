@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tformer.errors import CheckpointError
+from tformer.limits import short
 
 # Bytes per element of each safetensors dtype; the float ones may hold weights.
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
@@ -35,20 +36,21 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{path} is truncated: {size} bytes, too short for a safetensors file")
+                raise CheckpointError(f"{path} is unreadable (truncated or not a safetensors file): {size} bytes")
             (n,) = struct.unpack("<Q", head)
             if n > min(size - 8, MAX_HEADER_BYTES):
-                raise CheckpointError(f"{path} is truncated or not a safetensors file: its header claims {n:,} "
-                                      f"bytes of a {size:,}-byte file")
+                raise CheckpointError(f"{path} is unreadable (truncated or not a safetensors file): its header "
+                                      f"claims {short(n)} bytes of a {size:,}-byte file")
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path} is unreadable: {e.strerror or e}") from None
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path} is not a safetensors file: its header is not JSON") from None
+        raise CheckpointError(f"{path} is unreadable (truncated or not a safetensors file): its header is not "
+                              f"JSON") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path} is not a safetensors file: its header is not a JSON object")
+        raise CheckpointError(f"{path} is unreadable (not a safetensors file): its header is not a JSON object")
     data_size = size - 8 - n
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name, entry in header.items():

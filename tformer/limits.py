@@ -7,7 +7,6 @@ no message costs more than the check it explains.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -29,23 +28,11 @@ GIB = 1 << 30
 def check_int(name: str, value: Any, low: int = 0, high: int = INT64_MAX) -> None:
     """`value` must be an integer (not a bool) in [low, high]; the message names `name` and the range."""
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        shown = _short(value)
+        shown = short(value)
         raise ConfigError(f"{name}={shown} is out of range; allowed: an integer from {low} to {_big(high)}")
 
 
-def check_number(name: str, value: Any, low: float = -math.inf, high: float = math.inf,
-                 low_open: bool = False) -> None:
-    """`value` must be a finite number in [low, high] (or (low, high] with `low_open`)."""
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-          and (value > low if low_open else value >= low) and value <= high)
-    if not ok:
-        bracket = "(" if low_open else "["
-        lo = "-inf" if low == -math.inf else f"{low:g}"
-        hi = "inf" if high == math.inf else f"{high:g}"
-        raise ConfigError(f"{name}={_short(value)} is not allowed; allowed: a finite number in {bracket}{lo}, {hi}]")
-
-
-def _short(value: Any) -> str:
+def short(value: Any) -> str:
     """A value for a message, with huge integers abbreviated (so the message stays one short line)."""
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**18:
         return f"{'-' if value < 0 else ''}~2**{abs(value).bit_length() - 1}"

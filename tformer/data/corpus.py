@@ -155,10 +155,9 @@ def _piece_end(buf: bytes, limit: int) -> int:
     character boundary, which may change a token there but never the decoded text: the tokenizer never
     sees a word longer than that, so time stays linear and memory flat on text without any whitespace.
     """
-    long_word = _LONG_WORD.search(buf, 0, limit)
-    if long_word is not None:
-        i = len(buf[:long_word.start()].rstrip())  # before the whitespace that leads up to the long word
-        return i if i > 0 else _char_start(buf, long_word.start() + WORD_BYTES)
+    cut = _long_word_cut(buf, limit)
+    if cut is not None:
+        return cut
     for sep in (b"\n", b" "):
         i = buf.rfind(sep, 0, limit)
         if i > 0:
@@ -168,8 +167,19 @@ def _piece_end(buf: bytes, limit: int) -> int:
     return _char_start(buf, limit)
 
 
+def _long_word_cut(buf: bytes, limit: int) -> int | None:
+    """Where to cut buf[:limit] because of a word longer than WORD_BYTES in it (None: there is none)."""
+    long_word = _LONG_WORD.search(buf, 0, limit)
+    if long_word is None:
+        return None
+    i = len(buf[:long_word.start()].rstrip())  # before the whitespace that leads up to the long word
+    return i if i > 0 else _char_start(buf, long_word.start() + WORD_BYTES)
+
+
 def _char_start(buf: bytes, i: int) -> int:
     """`i`, or the start of the UTF-8 character that byte `i` is inside (never 0: a piece is never empty)."""
+    if i >= len(buf):
+        return len(buf)
     j = i
     while j > 0 and buf[j] & 0xC0 == 0x80:  # a continuation byte: step back to the character's start
         j -= 1
@@ -226,7 +236,10 @@ def read_pieces(
             sha.update(block)
             buf += block
             while len(buf) > PIECE_BYTES or (not block and buf):
-                n = _piece_end(buf, PIECE_BYTES) if len(buf) > PIECE_BYTES else len(buf)
+                if len(buf) > PIECE_BYTES:
+                    n = _piece_end(buf, PIECE_BYTES)
+                else:  # the end of the file: the rest, but still no word longer than WORD_BYTES
+                    n = _long_word_cut(buf, len(buf)) or len(buf)
                 if pos < cut < pos + n:
                     n = cut - pos
                 text, bad = _decode_utf8(buf[:n], source, pos, errors)

@@ -66,7 +66,9 @@ def _option(name: str) -> str:
 
 
 def _int_at_least(name: str, value: Any, low: int, high: int = 2**63 - 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low or value > high:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{_option(name)}={value!r} must be an integer >= {low}")
+    if value > high:
         check_int(_option(name), value, low, high)  # says the range, with a huge value abbreviated
 
 
