@@ -450,7 +450,7 @@ def test_a_second_training_on_a_locked_run_stops_at_once(base: Path, tmp_path: P
     assert invoke(RESUME) == 0  # released: the run continues
 
 
-def test_two_trainings_on_one_out(base: Path, tmp_path: Path, capsys):
+def test_two_trainings_on_one_out(base: Path, tmp_path: Path, capsys, monkeypatch):
     """A real second process: while it trains, an in-process training on the same --out is refused."""
     import subprocess
 
@@ -464,7 +464,7 @@ def test_two_trainings_on_one_out(base: Path, tmp_path: Path, capsys):
         while not (tmp_path / "run" / ".lock").exists() and time.time() < deadline:
             time.sleep(0.1)
         assert (tmp_path / "run" / ".lock").exists()
-        os.chdir(tmp_path)
+        monkeypatch.chdir(tmp_path)
         code = invoke(RESUME)
         assert code == 1 and "in use by another tformer train" in capsys.readouterr().err
     finally:
