@@ -75,7 +75,7 @@ def test_bert_fill_mask_gives_transformers_top5(tmp_path, tokenizer):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     candidates = doc["fill_mask"][0]["masks"][0]
-    ids = tokenizer.encode("the <mask> sat on", add_special_tokens=False).ids
+    ids = tokenizer.encode("the<mask> sat on", add_special_tokens=False).ids  # the mask takes its space
     where = ids.index(tokenizer.token_to_id("<mask>"))
     with torch.no_grad():
         probs = hf(torch.tensor([ids])).logits[0, where].softmax(-1)

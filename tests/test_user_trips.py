@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from test_train import TINY, runner, write_corpus
 
 from tformer.cli import app

@@ -257,15 +257,24 @@ def load_checkpoint(
     shaped tensor is an error that names it. The weights are then converted to `dtype` (default
     float32) and moved to `device`.
     """
+    from tformer import checkpoint_checks, limits
+
     directory = _local_or_hub(directory)
     directory = _present(directory) or directory  # a swap stopped between its renames
     config, source, extra = read_config(directory)
+    # untrusted input: the memory the config asks for, then the headers, before a tensor is read
+    item = torch.finfo(dtype).bits // 8 if dtype is not None and dtype.is_floating_point else 4
+    values = limits.parameter_count(config)
+    limits.check_memory(f"the model of '{directory}'", values * (4 + item), torch.device(device))
+    expected = checkpoint_checks.expected_shapes(config) if source == FORMAT else None
+    checkpoint_checks.check_weight_headers(weight_files(directory), expected, budget=values * 8 + (1 << 20))
     with torch.device("meta"):  # shapes only: the loaded tensors are assigned to it
         model = build_model(config)
     tensors = read_safetensors(directory)
     if source != FORMAT:
         tensors = state_from_hf(source.removeprefix("hf-"), tensors, config, _expected_names(config, model),
                                 where=str(directory))
+    checkpoint_checks.check_tensors(tensors, str(directory))
     target = dtype or torch.float32
     tensors = {k: v.to(target) if v.is_floating_point() and v.dtype != target else v for k, v in tensors.items()}
     load_state(model, tensors, where=str(directory / WEIGHTS_FILE), assign=True)
@@ -361,6 +370,9 @@ def read_safetensors(directory: Path) -> dict[str, Tensor]:
     for path in files:
         if not path.is_file():
             raise CheckpointError(f"weights file {path} is missing")
+        from tformer.checkpoint_checks import read_header
+
+        read_header(path)  # the header against the file's size, before the data is touched
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():

@@ -6,10 +6,12 @@ Kept free of torch imports so the CLI starts fast and configs can be read anywhe
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from tformer.errors import ConfigError
+from tformer.limits import check_model_size
 
 ARCHS = ("encoder", "decoder", "encoder-decoder")
 POS_ENCODINGS = ("sinusoidal", "learned", "rope")
@@ -103,6 +105,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name}={value!r} must be a non-negative integer")
+        check_model_size(self, "")  # upper bounds first: a config from a file is untrusted
+        for name in ("bias", "tie_embeddings", "scale_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be a boolean (true or false)")
         if self.has_encoder and self.n_encoder_layers == 0:
             raise ConfigError(f"n_encoder_layers must be at least 1 for arch={self.arch!r}")
         if self.has_decoder and self.n_decoder_layers == 0:
@@ -123,12 +129,12 @@ class ModelConfig:
             )
         if self.pos_encoding == "sinusoidal" and self.d_model % 2:
             raise ConfigError(f"pos_encoding='sinusoidal' needs an even d_model, got {self.d_model}")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+        if not (_real(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise ConfigError(f"dropout={self.dropout!r} must be a number in [0, 1)")
-        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
-            raise ConfigError(f"norm_eps={self.norm_eps!r} must be a positive number")
-        if not (isinstance(self.rope_base, (int, float)) and self.rope_base > 0):
-            raise ConfigError(f"rope_base={self.rope_base!r} must be a positive number")
+        if not (_real(self.norm_eps) and 0 < self.norm_eps < 1):
+            raise ConfigError(f"norm_eps={self.norm_eps!r} must be a number in (0, 1)")
+        if not (_real(self.rope_base) and self.rope_base > 1):
+            raise ConfigError(f"rope_base={self.rope_base!r} must be a finite number > 1")
         for name in ("bias", "tie_embeddings", "scale_embeddings", "embed_norm", "tie_positions"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
@@ -203,8 +209,17 @@ def _check_rope_scaling(scaling: Any) -> None:
         raise ConfigError("rope_scaling high_freq_factor must be greater than low_freq_factor")
 
 
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+def _real(value: Any) -> bool:
+    """A finite int or float, not a bool (JSON's true is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _divisors(n: int, shown: int = 24) -> str:
+    """The divisors of `n`, found up to its square root (n comes from files: no loop as long as n), the
+    first `shown` of them listed."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    found = sorted(set(small) | {n // d for d in small})
+    return ", ".join(map(str, found[:shown])) + (f", ... ({len(found)} in all)" if len(found) > shown else "")
 
 
 # The paper's model, as in Vaswani et al. (2017): post-norm, ReLU, sinusoidal positions,

@@ -28,6 +28,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path.chmod(_umask_mode(0o666))  # mkstemp makes it owner-only (0600); outputs get the usual mode
     try:
         yield tmp_path
+        tmp_path.chmod(_umask_mode(0o666))  # again: a writer may have replaced the file (safetensors makes it 0600)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -42,6 +43,15 @@ def _umask_mode(mode: int) -> int:
     umask = os.umask(0)
     os.umask(umask)
     return mode & ~umask
+
+
+def _usual_modes(directory: Path) -> None:
+    """Give the files written into `directory` the mode `open()` would (some writers make them owner-only),
+    so every file of a checkpoint can be read by whoever can read the others."""
+    mode = _umask_mode(0o666)
+    for entry in directory.iterdir():
+        if entry.is_file() and not entry.is_symlink() and entry.stat().st_mode & 0o777 != mode:
+            entry.chmod(mode)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -94,6 +104,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         tmp.chmod(_umask_mode(0o777))  # mkdtemp makes it owner-only (0700)
         yield tmp
+        _usual_modes(tmp)
         old = old_sibling(path)
         if path.exists():
             os.replace(path, old)
@@ -116,3 +127,16 @@ def recover_directory(path: str | os.PathLike) -> None:
             os.replace(old, path)
     for stale in path.parent.glob(f".{path.name}.new-*"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def swap_directory(new: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Put the complete directory `new` in the place of `path` (which may not exist), by the same two
+    renames as `atomic_directory`, so `recover_directory` understands an interruption between them."""
+    new, path = Path(new), Path(path)
+    old = old_sibling(path)
+    recover_directory(path)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(new, path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)

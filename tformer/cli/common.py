@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from tformer import __version__
-from tformer.errors import TformerError
+from tformer.errors import TformerError, fault_message
 
 app = typer.Typer(
     name="tformer",
@@ -74,11 +74,17 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the core's TformerError into a one-line message instead of a traceback."""
+    """Turn the core's TformerError, and the faults of the machine (a file that cannot be written, a full
+    disk, memory), into a one-line message instead of a traceback."""
     try:
         yield
     except TformerError as e:
         fail(str(e))
+    except (OSError, MemoryError, OverflowError) as e:
+        message = fault_message(e)
+        if message is None:
+            raise
+        fail(message)
 
 
 def _print_version(value: bool) -> None:
@@ -110,6 +116,15 @@ def run(args: list[str] | None = None) -> NoReturn:
         # stop quietly, as command-line tools do, instead of a traceback at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(141) from None
+    except TformerError as e:  # raised outside a command's user_errors()
+        print_error(str(e))
+        raise SystemExit(1) from None
+    except (OSError, MemoryError, OverflowError) as e:
+        message = fault_message(e)
+        if message is None:
+            raise
+        print_error(message)
+        raise SystemExit(1) from None
     except Exception as e:
         # Click's usage errors (vendored by recent Typer versions, so matched by what they carry).
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):

@@ -83,7 +83,7 @@ def generate(
 
     set_threads(threads)
     with user_errors():
-        stdin = None if prompt is not None or prompt_file is not None or sys.stdin.isatty() else sys.stdin.read()
+        stdin = None if prompt is not None or prompt_file is not None or sys.stdin.isatty() else read_stdin()
         prompts = read_prompts(prompt, prompt_file, stdin)
         cfg = GenerateConfig(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -92,6 +92,7 @@ def generate(
             compile=compile, fill_top=fill_top, show_special=show_special,
         )
         loaded = load(checkpoint, device=device, dtype=dtype)
+        check_decoding_memory(loaded, prompts, cfg)
         header = {"checkpoint": str(loaded.path), "arch": loaded.config.arch}
         if loaded.note:
             note(loaded.note)
@@ -154,3 +155,35 @@ def chat_prompts(loaded, prompts: list[str]) -> tuple[list[str], object]:
     stops = end_of_turn_ids(config, loaded.tokenizer.get_vocab(with_added_tokens=True), loaded.extra_generation)
     specials = dataclasses.replace(loaded.specials, also_eos=tuple(sorted(stops - loaded.specials.stops)))
     return [render_chat(config, p) for p in prompts], specials
+
+
+def read_stdin() -> str:
+    """All of stdin as text; bytes that are not UTF-8 are refused naming their offset (as in --prompt-file)."""
+    from tformer.errors import TformerError
+
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream without bytes underneath (a test harness)
+        try:
+            return sys.stdin.read()
+        except UnicodeDecodeError as e:
+            raise TformerError(f"stdin is not UTF-8 text (byte {e.start}); give UTF-8 text") from None
+    data = stream.read()
+    try:  # line ends as text-mode stdin reads them
+        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as e:
+        raise TformerError(f"stdin is not UTF-8 text (byte {e.start}); give UTF-8 text") from None
+
+
+def check_decoding_memory(loaded, prompts: list[str], cfg: GenerateConfig) -> None:
+    """Refuse, before the KV cache is allocated, a batch (prompts x samples, or x beams) that cannot fit."""
+    from tformer.limits import check_memory, decoding_bytes
+
+    if loaded.config.arch == "encoder":
+        return
+    rows = len(prompts) * (cfg.beams if cfg.beams > 1 else cfg.num_samples)
+    # a prompt has at most as many tokens as bytes (every tokenizer here covers a byte with one token or fewer)
+    new = cfg.new_tokens(loaded.config.max_seq_len, 0)  # at most this many, whatever the prompt
+    slots = min(loaded.config.max_seq_len, new + max(len(p.encode()) for p in prompts) + 1)
+    needed = decoding_bytes(loaded.config, rows, slots, loaded.dtype.itemsize, weights=False)
+    check_memory(f"generating {rows:,} row(s) of up to {slots:,} tokens", needed, loaded.device,
+                 advice="use fewer prompts, --num-samples or --beams, or a smaller --max-new-tokens")

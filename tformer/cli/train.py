@@ -139,11 +139,13 @@ def train_command(
     # distributed: under torchrun, join the process group; rank 0 alone prints and prepares the data first
     with user_errors(), distributed.process_group():
         view = TrainView(quiet or not distributed.is_main())
+        plan = None
         try:
             with distributed.rank_zero_first():
                 plan = plan_run(corpus, options, config_file=config, out=out, resume=resume,
                                 init_from=None if init_from is None else Path(init_from), force=force, kind=kind,
-                                vocab_size=vocab_size, tokenizer=tokenizer, on_tokenize=view.tokenizing)
+                                vocab_size=vocab_size, tokenizer=tokenizer, on_tokenize=view.tokenizing,
+                                lock=distributed.is_main())  # one training per --out (rank 0 holds it)
             view.planned()
             for message in plan.notes:
                 print_note(message)
@@ -154,6 +156,8 @@ def train_command(
                                     extra_config=plan.extra_config)
         finally:
             view.close()
+            if plan is not None:
+                plan.release()
         if distributed.is_main():
             summary(result, view, plan)
             if distributed.world_size() > 1 and result.stopped != "done":

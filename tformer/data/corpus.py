@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,10 @@ def default_corpus(data_dir: str | Path = "data") -> Path:
 # A piece is the text handed to the tokenizer in one go; a batch is one encode_batch call. Big enough
 # to keep the tokenizer's threads busy, small enough that memory stays flat (see benchmarks/).
 PIECE_BYTES = 1 << 16
+# The longest run of non-whitespace bytes handed to the tokenizer in one piece: BPE's cost grows faster
+# than linearly with a word's length, and text without spaces (a minified file, CJK) is one long "word".
+WORD_BYTES = 1 << 8
+_LONG_WORD = re.compile(rb"\S{%d,}" % WORD_BYTES)
 
 Progress = Callable[[str, int, int], None]
 """progress(phase, bytes_done, bytes_total), phase being "train" (reading to train) or "encode"."""
@@ -145,19 +150,40 @@ def _piece_end(buf: bytes, limit: int) -> int:
     The cut goes at the start of a run of whitespace, i.e. after a byte that is not whitespace: GPT-2-style
     pre-tokenization splits there, and both sides pre-tokenize exactly as they would inside the whole text
     (a whitespace run is only ever split before its last character, which needs what follows it). A run
-    holding a newline is preferred, then any space; failing both (one huge word), a UTF-8 character
-    boundary, which may change a token there but never the decoded text.
+    holding a newline is preferred, then any space. A word longer than WORD_BYTES (text without spaces)
+    ends the piece before it, or, at the start of a piece, is itself cut after WORD_BYTES at a UTF-8
+    character boundary, which may change a token there but never the decoded text: the tokenizer never
+    sees a word longer than that, so time stays linear and memory flat on text without any whitespace.
     """
+    cut = _long_word_cut(buf, limit)
+    if cut is not None:
+        return cut
     for sep in (b"\n", b" "):
         i = buf.rfind(sep, 0, limit)
         if i > 0:
             i = len(buf[:i].rstrip())  # back to the start of the run (ASCII whitespace)
             if i > 0:
                 return i
-    i = limit
-    while i > 0 and buf[i] & 0xC0 == 0x80:  # a continuation byte: step back to the character's start
-        i -= 1
-    return i or limit
+    return _char_start(buf, limit)
+
+
+def _long_word_cut(buf: bytes, limit: int) -> int | None:
+    """Where to cut buf[:limit] because of a word longer than WORD_BYTES in it (None: there is none)."""
+    long_word = _LONG_WORD.search(buf, 0, limit)
+    if long_word is None:
+        return None
+    i = len(buf[:long_word.start()].rstrip())  # before the whitespace that leads up to the long word
+    return i if i > 0 else _char_start(buf, long_word.start() + WORD_BYTES)
+
+
+def _char_start(buf: bytes, i: int) -> int:
+    """`i`, or the start of the UTF-8 character that byte `i` is inside (never 0: a piece is never empty)."""
+    if i >= len(buf):
+        return len(buf)
+    j = i
+    while j > 0 and buf[j] & 0xC0 == 0x80:  # a continuation byte: step back to the character's start
+        j -= 1
+    return j or i
 
 
 def val_start(sources: Sequence[Source], val_fraction: float) -> int:
@@ -210,7 +236,10 @@ def read_pieces(
             sha.update(block)
             buf += block
             while len(buf) > PIECE_BYTES or (not block and buf):
-                n = _piece_end(buf, PIECE_BYTES) if len(buf) > PIECE_BYTES else len(buf)
+                if len(buf) > PIECE_BYTES:
+                    n = _piece_end(buf, PIECE_BYTES)
+                else:  # the end of the file: the rest, but still no word longer than WORD_BYTES
+                    n = _long_word_cut(buf, len(buf)) or len(buf)
                 if pos < cut < pos + n:
                     n = cut - pos
                 text, bad = _decode_utf8(buf[:n], source, pos, errors)

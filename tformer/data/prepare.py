@@ -59,6 +59,7 @@ from tformer.data.tokenizer import (
 from tformer.data.tokens import FORMAT, token_dtype
 from tformer.errors import TformerError
 from tformer.files import atomic_directory
+from tformer.limits import MAX_DIM, short
 
 BATCH_BYTES = 1 << 20
 
@@ -284,9 +285,9 @@ def tokenize_corpus(
         kind = kind or "bpe"
     if tokenizer is None and kind not in KINDS:
         raise TformerError(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    if vocab_size is not None and vocab_size < 1:
-        raise TformerError(f"--vocab-size must be positive, not {vocab_size}")
-    if not 0 <= val_fraction < 1:
+    if vocab_size is not None and not 1 <= vocab_size <= MAX_DIM:
+        raise TformerError(f"--vocab-size {short(vocab_size)} is out of range; allowed: 1 to {MAX_DIM:,}")
+    if not (isinstance(val_fraction, (int, float)) and 0 <= val_fraction < 1):  # also refuses nan
         raise TformerError(f"--val-fraction must be at least 0 and below 1, not {val_fraction}")
     if errors not in ("strict", "replace"):
         raise TformerError(f"--errors must be 'strict' or 'replace', not {errors!r}")

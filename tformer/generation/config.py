@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tformer.errors import ConfigError
+from tformer.limits import MAX_BEAMS, MAX_SAMPLES, SEED_MAX, check_int
+
+MAX_NEW_TOKENS = 2**40  # the sliding window makes any length possible; this keeps counters in range
 
 # -- options --------------------------------------------------------------------------------------
 
@@ -45,10 +48,10 @@ class GenerateConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first option out of range and the allowed range."""
         if self.max_new_tokens is not None:
-            _int_at_least("max_new_tokens", self.max_new_tokens, 1)
+            _int_at_least("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS)
         _int_at_least("top_k", self.top_k, 0)
-        _int_at_least("num_samples", self.num_samples, 1)
-        _int_at_least("beams", self.beams, 1)
+        _int_at_least("num_samples", self.num_samples, 1, MAX_SAMPLES)
+        _int_at_least("beams", self.beams, 1, MAX_BEAMS)
         _int_at_least("fill_top", self.fill_top, 1)
         _number("temperature", self.temperature, lambda v: v >= 0, "must be >= 0 (0 means greedy)")
         _number("top_p", self.top_p, lambda v: 0 < v <= 1, "must be in (0, 1]")
@@ -56,7 +59,7 @@ class GenerateConfig:
         _number("repetition_penalty", self.repetition_penalty, lambda v: v > 0, "must be > 0 (1 means off)")
         _number("length_penalty", self.length_penalty, math.isfinite, "must be a finite number")
         if self.seed is not None:
-            _int_at_least("seed", self.seed, 0)
+            _int_at_least("seed", self.seed, 0, SEED_MAX)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ConfigError("stop strings must be non-empty text")
 
@@ -76,11 +79,13 @@ def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _int_at_least(name: str, value: Any, low: int) -> None:
+def _int_at_least(name: str, value: Any, low: int, high: int = 2**63 - 1) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ConfigError(f"{_option(name)}={value!r} must be an integer >= {low}")
+    if value > high:
+        check_int(_option(name), value, low, high)  # says the range, with a huge value abbreviated
 
 
 def _number(name: str, value: Any, ok: Callable[[float], bool], rule: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
         raise ConfigError(f"{_option(name)}={value!r} {rule}")

@@ -6,8 +6,18 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from tformer.config import DTYPE_ALIASES, PRESETS, _choice, _from_dict, _positive_int
+from tformer.config import (
+    DTYPE_ALIASES,
+    PRESETS,
+    _choice,
+    _from_dict,
+    _positive_int,
+    _real,
+)
 from tformer.errors import ConfigError
+from tformer.limits import SEED_MAX, check_int
+
+MAX_COUNT = 2**40  # steps, batch sizes, intervals: far beyond any run, and safe in every counter
 
 # -- training -----------------------------------------------------------------------------------
 
@@ -58,25 +68,30 @@ class TrainConfig:
     def validate(self) -> None:
         for name in ("batch_size", "grad_accum", "context", "eval_every", "save_every", "log_every"):
             _positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name), 1, MAX_COUNT)
         if self.steps is not None:
             _positive_int("steps", self.steps)
+            check_int("steps", self.steps, 1, MAX_COUNT)
         for name in ("epochs", "time_budget", "lr"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise ConfigError(f"{name}={value!r} must be a positive number")
+            if value is not None and not (_real(value) and value > 0):
+                raise ConfigError(f"{name}={value!r} must be a finite positive number")
         for name in ("warmup", "eval_batches", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name}={value!r} must be a non-negative integer")
+        check_int("warmup", self.warmup, 0, MAX_COUNT)
+        check_int("eval_batches", self.eval_batches, 0, MAX_COUNT)
+        check_int("seed", self.seed, 0, SEED_MAX)
         for name, low, high in (("min_lr_ratio", 0, 1), ("label_smoothing", 0, 1), ("beta1", 0, 1),
                                 ("beta2", 0, 1), ("mask_prob", 0, 1)):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and low <= value < high):
+            if not (_real(value) and low <= value < high):
                 raise ConfigError(f"{name}={value!r} must be a number in [{low}, {high})")
         for name in ("weight_decay", "clip"):
-            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be a non-negative number")
-        if not (isinstance(self.mean_span, (int, float)) and self.mean_span >= 1):
+            if not (_real(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be a finite non-negative number")
+        if not (_real(self.mean_span) and self.mean_span >= 1):
             raise ConfigError(f"mean_span={self.mean_span!r} must be a number >= 1")
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("device", self.device, DEVICES)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -307,13 +308,18 @@ class _Run:
         snapshot = distributed.snapshot_for_saving(self.model, self.optimizer, self.model_cfg)
         if snapshot is None:
             return target
-        with atomic_directory(target) as tmp:
-            save_checkpoint(tmp, snapshot[0], self.model_cfg, extra=self.config_doc)
-            shutil.copyfile(self.data.tokenizer_path, tmp / TOKENIZER_FILE)
-            save_file(snapshot[1], str(tmp / OPTIMIZER_FILE))
-            info = self.state.to_json(self.batches, self.scaler, {"arch": self.arch, "total_steps": self.total_steps})
-            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-            if self.metrics_path.exists():
-                shutil.copyfile(self.metrics_path, tmp / METRICS_FILE)
+        try:
+            with atomic_directory(target) as tmp:
+                save_checkpoint(tmp, snapshot[0], self.model_cfg, extra=self.config_doc)
+                shutil.copyfile(self.data.tokenizer_path, tmp / TOKENIZER_FILE)
+                save_file(snapshot[1], str(tmp / OPTIMIZER_FILE))
+                info = self.state.to_json(self.batches, self.scaler, {"arch": self.arch, "total_steps": self.total_steps})
+                (tmp / TRAINER_STATE_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+                if self.metrics_path.exists():
+                    shutil.copyfile(self.metrics_path, tmp / METRICS_FILE)
+        except (OSError, SafetensorError) as e:  # a full disk, say: the half-written copy is gone, the last stays
+            raise TformerError(f"cannot save the checkpoint '{target}' at step {self.state.step}: "
+                               f"{getattr(e, 'strerror', None) or e}; training stopped, the last checkpoint in "
+                               f"'{self.out}' is kept (free some space, then --resume auto)") from None
         self.emit("save", {"path": str(target), "step": self.state.step})
         return target

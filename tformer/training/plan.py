@@ -14,18 +14,23 @@ from typing import Any
 
 from torch import nn
 
+from tformer import limits
 from tformer.checkpoint import (
+    OPTIMIZER_FILE,
     TOKENIZER_FILE,
+    TRAINER_STATE_FILE,
     load_checkpoint,
     read_config,
     resolve_checkpoint,
 )
+from tformer.checkpoint_checks import read_trainer_state
 from tformer.config import ModelConfig
 from tformer.data.batches import steps_per_epoch
 from tformer.device import resolve_device, resolve_precision
 from tformer.errors import TformerError
-from tformer.files import recover_directory
+from tformer.files import recover_directory, swap_directory
 from tformer.training.config import TrainConfig
+from tformer.training.lock import RunLock
 from tformer.training.objectives import OBJECTIVES, TrainData
 from tformer.training.options import read_toml, resolve_configs
 from tformer.training.resume import resume_dir
@@ -90,9 +95,16 @@ class RunPlan:
     extra_config: dict[str, Any] = field(default_factory=dict)
     sample: Callable[[nn.Module], str] | None = None
     notes: list[str] = field(default_factory=list)  # how inputs were understood (e.g. which checkpoint)
+    lock: RunLock | None = None  # held on `out` while the run trains
+
+    def release(self) -> None:
+        """Let another training use `out` (the end of the process does this too)."""
+        if self.lock is not None:
+            self.lock.release()
 
 
 TOKENS_SUBDIR = "data"  # raw text is tokenized into <out>/data, and reused while the corpus is unchanged
+STAGING_SUBDIR = ".data.pending"  # new tokens wait here until the run has passed every check
 _CACHE_KEY_FILE = "cache_key.json"
 
 
@@ -124,10 +136,11 @@ def _is_token_dir(corpus: list[Path] | None) -> bool:
 
 def prepare_tokens(
     corpus: list[Path] | None, cache_dir: Path, kind: str | None, vocab_size: int | None,
-    tokenizer: Path | None, on_tokenize: Callable | None = None,
+    tokenizer: Path | None, on_tokenize: Callable | None = None, staging: Path | None = None,
 ) -> Path:
     """A token directory for `corpus`: itself if it already is one, else the corpus tokenized into
-    `cache_dir` (reused when the files and options are unchanged)."""
+    `cache_dir` (reused when the files and options are unchanged). With `staging`, new tokens are built
+    there instead, and `cache_dir` is left as it is: the caller swaps them in once every check has passed."""
     from tformer.data.corpus import default_corpus
     from tformer.data.prepare import tokenize_corpus
 
@@ -145,12 +158,13 @@ def prepare_tokens(
                 return cache_dir
         except json.JSONDecodeError:
             pass
-    tokenize_corpus(paths, cache_dir, kind=kind, vocab_size=vocab_size, tokenizer=tokenizer, force=True,
+    target = cache_dir if staging is None else staging
+    tokenize_corpus(paths, target, kind=kind, vocab_size=vocab_size, tokenizer=tokenizer, force=True,
                     progress=on_tokenize)
     from tformer.files import atomic_write_json
 
-    atomic_write_json(key_file, key)
-    return cache_dir
+    atomic_write_json(target / _CACHE_KEY_FILE, key)
+    return target
 
 
 def _same_tokenizer(a: Path, b: Path) -> bool:
@@ -172,8 +186,12 @@ def plan_run(
     vocab_size: int | None = None,
     tokenizer: Path | None = None,
     on_tokenize: Callable | None = None,
+    lock: bool = False,
 ) -> RunPlan:
-    """Resolve what `tformer train` was given into a RunPlan, checking everything before any file is written."""
+    """Resolve what `tformer train` was given into a RunPlan, checking everything before any file is written.
+
+    With `lock`, the run directory is locked against a second training (see `training.lock`) until
+    `RunPlan.release()`; the plan holds the lock."""
     notes: list[str] = []
     flags = {k: v for k, v in options.items() if v is not None}
     options = {**(read_toml(Path(config_file)) if config_file else {}), **flags}
@@ -198,11 +216,15 @@ def plan_run(
         if arch is not None and arch != base_model.arch:
             raise TformerError(f"cannot resume '{ckpt_dir}' as arch={arch!r}: it is a {base_model.arch!r} model")
         base_train = TrainConfig.from_dict(extra["train"])
+        state = read_trainer_state(ckpt_dir, TRAINER_STATE_FILE, OPTIMIZER_FILE)  # before anything is touched
+        if state.get("arch", base_model.arch) != base_model.arch:
+            raise TformerError(f"cannot resume '{ckpt_dir}': its training state is for arch={state['arch']!r}, "
+                               f"its model is {base_model.arch!r}")
         ckpt_tokenizer = ckpt_dir / TOKENIZER_FILE
         kind = vocab_size = None  # the run's tokenizer is fixed: these only said how to build one
         data_dir = (extra.get("data") or {}).get("directory")
-        if not corpus and data_dir:
-            corpus = [Path(data_dir)]
+        if not corpus and isinstance(data_dir, str) and data_dir:
+            corpus = [recorded_data_dir(data_dir, out)]
     elif init_from is not None:
         init_path, note = resolve_checkpoint(init_from)
         if note:
@@ -222,27 +244,76 @@ def plan_run(
         options["arch"] = base_model.arch  # equal to --arch when given (checked above)
     model_cfg, train_cfg = resolve_configs(options, base_model, base_train)
 
-    resolve_precision(train_cfg.dtype, resolve_device(train_cfg.device))  # an unavailable device fails here
+    device = resolve_device(train_cfg.device)
+    resolve_precision(train_cfg.dtype, device)  # an unavailable device fails here
+    # before any token is made: a new run's vocabulary is not known yet, so count it low
+    check_training_memory(model_cfg if base_model is not None else model_cfg.replace(vocab_size=256),
+                          train_cfg, device)
     if out is None:
         out = Path("checkpoints") / f"{_corpus_name(corpus)}-{model_cfg.arch}"
+    run_lock = RunLock(out) if lock else None
     with _removed_on_error(out):
-        plan = _plan_data(corpus, out, model_cfg, train_cfg, force=force, kind=kind, vocab_size=vocab_size,
-                          tokenizer=tokenizer, on_tokenize=on_tokenize, base_model=base_model,
-                          ckpt_dir=ckpt_dir, ckpt_tokenizer=ckpt_tokenizer, init_from=init_from,
-                          init_model=init_model)
+        if run_lock is not None:
+            run_lock.acquire()
+        try:
+            plan = _plan_data(corpus, out, model_cfg, train_cfg, force=force, kind=kind, vocab_size=vocab_size,
+                              tokenizer=tokenizer, on_tokenize=on_tokenize, base_model=base_model,
+                              ckpt_dir=ckpt_dir, ckpt_tokenizer=ckpt_tokenizer, init_from=init_from,
+                              init_model=init_model)
+        except BaseException:
+            if run_lock is not None:
+                run_lock.release()
+            raise
     plan.notes = notes
+    plan.lock = run_lock
     return plan
+
+
+def check_training_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, device: Any) -> None:
+    """Refuse a run whose weights, optimizer state and one micro-batch cannot fit (one process: under
+    torchrun the batch and, with --fsdp, the weights are shared out, so the check is left to each rank)."""
+    from tformer.training import distributed
+
+    if distributed.world_size() > 1:
+        return
+    needed = limits.training_bytes(model_cfg, train_cfg.batch_size, train_cfg.context)
+    limits.check_memory(f"training this model ({limits.parameter_count(model_cfg):,} parameters, batch "
+                        f"{train_cfg.batch_size} x {train_cfg.context} tokens)", needed, device,
+                        advice="use a smaller model, --batch-size or --context (--grad-accum keeps the step size)")
+
+
+def recorded_data_dir(recorded: str, out: Path) -> Path:
+    """The token directory a run's config.json names: relative to the run (so a moved run finds its data);
+    older runs recorded it relative to the directory they were started from, tried second."""
+    path = Path(recorded)
+    if path.is_absolute():
+        return path
+    inside = out / path
+    return inside if inside.exists() or not path.exists() else path
+
+
+def data_dir_to_record(token_dir: Path, out: Path) -> str:
+    """How a run records its token directory: relative to the run when it is inside it, else absolute."""
+    try:
+        return str(token_dir.resolve().relative_to(out.resolve()))
+    except ValueError:
+        return str(token_dir.resolve())
 
 
 @contextmanager
 def _removed_on_error(directory: Path) -> Iterator[None]:
-    """A run rejected while it is being planned leaves no trace: `directory` goes again if it is new."""
-    existed = directory.exists()
+    """A run rejected while it is being planned leaves no trace: `directory` goes again if it is new, and
+    so do the parents that were made for it."""
+    new = None
+    for candidate in (directory, *directory.parents):
+        if candidate.exists() or candidate.is_symlink():
+            break
+        new = candidate  # the topmost directory that does not exist yet
     try:
         yield
     except BaseException:
-        if not existed:
-            shutil.rmtree(directory, ignore_errors=True)
+        if new is not None:
+            shutil.rmtree(new, ignore_errors=True)
         raise
 
 
@@ -253,11 +324,31 @@ def _plan_data(
     init_from: Path | None, init_model: nn.Module | None,
 ) -> RunPlan:
     """The second half of `plan_run`: --out, the tokens, and the checks that need them."""
-    from tformer.data.tokens import open_tokens
-
     if ckpt_dir is None:
         check_out_dir(out, resume=False, force=force)
-    token_dir = prepare_tokens(corpus, out / TOKENS_SUBDIR, kind, vocab_size, tokenizer, on_tokenize)
+    staging = out / STAGING_SUBDIR
+    recover_directory(staging)
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while it was being planned
+    try:
+        # new tokens are built beside the run's own, and replace them only once every check has passed
+        token_dir = prepare_tokens(corpus, out / TOKENS_SUBDIR, kind, vocab_size, tokenizer, on_tokenize, staging)
+        args = (out, model_cfg, train_cfg, base_model, ckpt_dir, ckpt_tokenizer, init_from, init_model)
+        plan = _check_tokens(token_dir, *args)
+        if token_dir == staging:
+            swap_directory(staging, out / TOKENS_SUBDIR)
+            plan = _check_tokens(out / TOKENS_SUBDIR, *args)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return plan
+
+
+def _check_tokens(
+    token_dir: Path, out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, base_model: ModelConfig | None,
+    ckpt_dir: Path | None, ckpt_tokenizer: Path | None, init_from: Path | None, init_model: nn.Module | None,
+) -> RunPlan:
+    """Every check that needs the tokens, and the plan they give; nothing is written."""
+    from tformer.data.tokens import open_tokens
+
     tokens = open_tokens(token_dir)
     tokenizer_path = token_dir / tokens.meta["tokenizer"]
     if ckpt_tokenizer is not None and not _same_tokenizer(ckpt_tokenizer, tokenizer_path):
@@ -289,9 +380,10 @@ def _plan_data(
     else:
         data = TrainData(objective, tokens.special, tokens.vocab_size, tokenizer_path,
                          train_tokens=tokens.tokens("train"), val_tokens=tokens.tokens("val"))
-    data.source = {"directory": str(token_dir), "kind": tokens.meta.get("kind"),
+    data.source = {"directory": data_dir_to_record(token_dir, out), "kind": tokens.meta.get("kind"),
                    "tokens": tokens.meta.get("tokens"), "sources": tokens.meta.get("sources")}
     check_data(data, train_cfg)
+    check_training_memory(model_cfg, train_cfg, resolve_device(train_cfg.device))
     if ckpt_dir is not None:
         check_out_dir(out, resume=True, force=False)
     extra = {"init_from": str(init_from)} if init_from is not None else {}

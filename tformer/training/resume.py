@@ -28,31 +28,47 @@ def restore(
     batches: Batches, arch: str,
 ) -> LoopState:
     """Load weights, optimizer, RNG and data position from a checkpoint written by `train`."""
+    from tformer.checkpoint_checks import check_tensors, read_trainer_state
+
+    info = read_trainer_state(directory, TRAINER_STATE_FILE, OPTIMIZER_FILE)  # checked before anything moves
     try:
-        info = json.loads((directory / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
         optim = load_file(str(directory / OPTIMIZER_FILE))
-    except FileNotFoundError as e:
-        raise CheckpointError(f"'{directory}' has no training state ({Path(e.filename).name}); "
-                              f"it cannot be resumed, only used with --init-from") from None
-    except (json.JSONDecodeError, SafetensorError) as e:
-        raise CheckpointError(f"the training state in '{directory}' is unreadable: {e}") from None
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"the optimizer state in '{directory}' is unreadable: {e}") from None
+    check_tensors(optim, str(directory / OPTIMIZER_FILE))
     if info.get("arch") != arch:
         raise TformerError(f"cannot resume '{directory}': it trained arch={info.get('arch')!r}, "
                            f"this run is arch={arch!r}")
     from tformer.checkpoint import read_safetensors
 
+    weights = read_safetensors(directory)
+    check_tensors(weights, str(directory))
+    _check_optimizer_shapes(optim, weights, directory / OPTIMIZER_FILE)
     # distributed: these also load into a model sharded with --fsdp
-    distributed.load_model_state(model, read_safetensors(directory), str(directory))
+    distributed.load_model_state(model, weights, str(directory))
     distributed.load_optimizer_state(optimizer, model, optim)
     if info.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(info["scaler"])
-    torch.set_rng_state(unb64(info["rng"]["torch"]))
-    if "cuda" in info["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([unb64(s) for s in info["rng"]["cuda"]])
-    batches.load_state(unb64(info["rng"]["data"]))
+    try:
+        torch.set_rng_state(unb64(info["rng"]["torch"]))
+        if "cuda" in info["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([unb64(s) for s in info["rng"]["cuda"]])
+        batches.load_state(unb64(info["rng"]["data"]))
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"the random state in '{directory / TRAINER_STATE_FILE}' is invalid: "
+                              f"{str(e).splitlines()[0]}") from None
     return LoopState(step=info["step"], tokens_seen=info["tokens_seen"], best_val_loss=info["best_val_loss"],
                      val=info.get("val") or {}, lr=info["lr"], elapsed=info.get("elapsed", 0.0),
                      train_loss=info.get("train_loss"))
+
+
+def _check_optimizer_shapes(optim: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], where: Path) -> None:
+    """AdamW's moments have their parameter's shape (a wrong one would fail only at the first step)."""
+    for key, tensor in optim.items():
+        name, _, kind = key.rpartition(".")
+        if kind in ("exp_avg", "exp_avg_sq") and name in weights and tensor.shape != weights[name].shape:
+            raise CheckpointError(f"{where}: tensor '{key}' has shape {tuple(tensor.shape)} but its parameter "
+                                  f"has {tuple(weights[name].shape)}")
 
 
 def truncate_metrics(path: Path, step: int) -> None:
