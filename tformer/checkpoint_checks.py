@@ -133,6 +133,17 @@ def expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
+FINITE_CHUNK = 1 << 20  # elements checked at a time: the temporaries stay small beside a large weight
+
+
+def _all_finite(tensor: Any) -> bool:
+    """Whether every value is finite, checked in chunks of a flat view (no copy of a memory-mapped weight)."""
+    import torch
+
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + FINITE_CHUNK]).all()) for i in range(0, flat.numel(), FINITE_CHUNK))
+
+
 def check_tensors(tensors: dict[str, Any], where: str) -> None:
     """Every weight must be a float tensor with finite values; the first that is not is named."""
     import torch
@@ -141,7 +152,7 @@ def check_tensors(tensors: dict[str, Any], where: str) -> None:
         if not tensor.is_floating_point():
             raise CheckpointError(f"{where}: tensor '{name}' is {str(tensor.dtype).removeprefix('torch.')}, "
                                   f"but weights are floats (float32, float16, bfloat16 or float64)")
-        if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        if tensor.numel() and not _all_finite(tensor):
             bad = int((~torch.isfinite(tensor)).sum())
             raise CheckpointError(f"{where}: tensor '{name}' holds {bad:,} NaN or infinite value(s) of "
                                   f"{tensor.numel():,}; weights must be finite")
