@@ -20,7 +20,7 @@ def test_help_lists_only_registered_subcommands():
     panel = result.output.split("Commands")[1] if "Commands" in result.output else ""
     listed = set(re.findall(r"^│ (\S+) ", panel, flags=re.M))
     assert listed == registered
-    assert registered <= {"tokenize", "train", "generate", "inspect", "export"}
+    assert registered <= {"tokenize", "train", "generate", "inspect", "export", "eval"}
 
 
 def test_version():

@@ -1,6 +1,6 @@
 """The `tformer` command line: one thin module per command over the core package."""
 
-from tformer.cli import export, generate, inspect, tokenize, train  # noqa: F401  (each registers its command)
+from tformer.cli import eval, export, generate, inspect, tokenize, train  # noqa: F401  (each registers its command)
 from tformer.cli.common import (
     app,
     console,
