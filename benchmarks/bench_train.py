@@ -1,47 +1,99 @@
-"""Training-step throughput on the CPU: tformer's DecoderLM against transformers' GPT2LMHeadModel of the
-same shape, trained the same way (same batches, AdamW, gradient clipping, fp32) in the same run.
+"""Training-step throughput on the CPU: tformer's training step against nanoGPT's own `GPT` and transformers'
+`GPT2LMHeadModel` of the same shape, trained on the same batches (fp32, AdamW, clip 1.0) in one process.
 
-    python benchmarks/bench_train.py [--steps 60] [--trials 3]
+    python benchmarks/bench_train.py --nanogpt PATH/TO/nanoGPT [--steps 40] [--trials 5]
+    python benchmarks/bench_train.py --nanogpt PATH --layers 6 --d-model 384 --heads 6 --context 256 --batch 16
+    python benchmarks/bench_train.py --profile            # where tformer's step spends its time
 
-Prints tokens/s of each (median over interleaved trials, warm-up steps excluded) and their ratio.
+PATH is a checkout of nanoGPT (karpathy/nanoGPT): its `model.py` is imported from there, never copied here.
+Each side runs its own training step as its own trainer does it: nanoGPT as its train.py (the model computes the
+loss, `configure_optimizers`: AdamW with decay on 2-D weights), transformers as a plain AdamW loop, tformer as
+`tformer train` (training/optim.py's optimizer, objectives.loss_fn). Trials are interleaved so that drift in
+the machine's speed hits all alike; tokens/s is the median over trials, warm-up steps excluded.
 The default shape is nanoGPT's "baby" Shakespeare model: 4 layers, 4 heads, d_model 128, context 64,
-batch 12, a 65-token character vocabulary.
+batch 12, a 65-token character vocabulary, no bias, no dropout.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 
-def make_models(args):
-    import transformers
+def load_nanogpt(path: str):
+    """nanoGPT's model.py, imported from a checkout given on the command line."""
+    file = Path(path) / "model.py"
+    if not file.is_file():
+        sys.exit(f"error: --nanogpt {path!r} has no model.py (give a checkout of karpathy/nanoGPT)")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
+
+def tformer_step(args):
     from tformer.config import ModelConfig
     from tformer.model.transformer import DecoderLM
+    from tformer.training.config import TrainConfig
+    from tformer.training.objectives import loss_fn
+    from tformer.training.optim import make_optimizer
 
     cfg = ModelConfig(arch="decoder", vocab_size=args.vocab, d_model=args.d_model, n_heads=args.heads,
                       n_decoder_layers=args.layers, n_encoder_layers=0, d_ff=4 * args.d_model, dropout=0.0,
-                      max_seq_len=args.context, pos_encoding="learned", norm_placement="pre",
-                      activation="gelu_tanh", bias=True, tie_embeddings=True, scale_embeddings=False, init="gpt2")
-    ours = DecoderLM(cfg)
+                      max_seq_len=args.context, pos_encoding="learned", norm_placement="pre", norm="layernorm",
+                      activation="gelu", bias=False, tie_embeddings=True, scale_embeddings=False, init="gpt2")
+    model = DecoderLM(cfg).train()
+    train_cfg = TrainConfig(lr=1e-3, beta2=0.99, weight_decay=0.1, clip=1.0, optimizer=args.optimizer)
+    opt = make_optimizer(model, train_cfg, torch.device("cpu"))
+    forward = torch.compile(model) if args.compile else model
+
+    def step(x, y):
+        loss = loss_fn(forward(x).logits, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return model, step
+
+
+def nanogpt_step(args, module):
+    conf = module.GPTConfig(block_size=args.context, vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads,
+                            n_embd=args.d_model, dropout=0.0, bias=False)
+    model = module.GPT(conf).train()
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+
+    def step(x, y):  # nanoGPT's train.py, without gradient accumulation and the (disabled) scaler
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return model, step
+
+
+def transformers_step(args):
+    import transformers
+
     hf_cfg = transformers.GPT2Config(vocab_size=args.vocab, n_positions=args.context, n_embd=args.d_model,
                                      n_layer=args.layers, n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0,
                                      attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    hf = transformers.GPT2LMHeadModel(hf_cfg)
-    assert abs(sum(p.numel() for p in ours.parameters()) - sum(p.numel() for p in hf.parameters())) == 0
-    return ours, hf
-
-
-def step_fn(model, is_hf: bool):
+    model = transformers.GPT2LMHeadModel(hf_cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
 
     def step(x, y):
-        logits = model(x).logits  # both return an object with .logits
+        logits = model(x).logits
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -49,7 +101,7 @@ def step_fn(model, is_hf: bool):
         opt.zero_grad(set_to_none=True)
         return loss
 
-    return step
+    return model, step
 
 
 def tokens_per_s(step, batches, warmup: int) -> float:
@@ -62,38 +114,78 @@ def tokens_per_s(step, batches, warmup: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def profile(step, batches) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    for x, y in batches[:5]:
+        step(x, y)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for x, y in batches[5:25]:
+            step(x, y).item()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    names = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return ", ".join(names) or "none of avx2/avx512/amx"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--nanogpt", metavar="PATH", help="a checkout of karpathy/nanoGPT (its model.py is imported)")
+    p.add_argument("--no-transformers", action="store_true", help="leave GPT2LMHeadModel out")
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--trials", type=int, default=5)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--batch", type=int, default=12)
     p.add_argument("--vocab", type=int, default=65)
+    p.add_argument("--optimizer", default="adamw", help="tformer's --optimizer (adamw or muon)")
+    p.add_argument("--compile", action="store_true", help="tformer's model under torch.compile (time reported apart)")
+    p.add_argument("--profile", action="store_true", help="profile tformer's step and stop")
     args = p.parse_args()
     torch.manual_seed(0)
-    ours, hf = make_models(args)
-    ours.train()
-    hf.train()
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randint(args.vocab, (args.batch, args.context), generator=g),
                 torch.randint(args.vocab, (args.batch, args.context), generator=g))
                for _ in range(args.steps + args.warmup)]
-    steps = {"tformer": step_fn(ours, False), "transformers": step_fn(hf, True)}
+    _, ours = tformer_step(args)
+    if args.profile:
+        profile(ours, batches)
+        return
+    if args.compile:
+        start = time.perf_counter()
+        for x, y in batches[:2]:
+            ours(x, y)
+        print(f"tformer compile (first two steps): {time.perf_counter() - start:.1f} s")
+    steps = {"tformer": ours}
+    if args.nanogpt:
+        steps["nanoGPT"] = nanogpt_step(args, load_nanogpt(args.nanogpt))[1]
+    if not args.no_transformers:
+        steps["transformers"] = transformers_step(args)[1]
     results = {name: [] for name in steps}
-    for trial in range(args.trials):  # interleaved, so drift in the machine's speed hits both alike
+    for _ in range(args.trials):  # interleaved
         for name, step in steps.items():
             results[name].append(tokens_per_s(step, batches, args.warmup))
     med = {name: statistics.median(v) for name, v in results.items()}
-    print(f"device: cpu ({torch.get_num_threads()} threads), fp32, torch {torch.__version__}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"device: cpu ({torch.get_num_threads()} threads; {cpu_flags()}), fp32, torch {torch.__version__}, "
+          f"load average {load:.2f}")
     print(f"shape: {args.layers} layers, {args.heads} heads, d_model {args.d_model}, context {args.context}, "
-          f"batch {args.batch}, vocab {args.vocab}; {args.steps} timed steps x {args.trials} trials")
+          f"batch {args.batch}, vocab {args.vocab}; {args.steps} timed steps x {args.trials} trials; "
+          f"tformer: {args.optimizer}{', compiled' if args.compile else ''}")
     for name, v in results.items():
         print(f"{name:>13}: {med[name]:>9,.0f} tokens/s (trials: {', '.join(f'{x:,.0f}' for x in v)})")
-    print(f"ratio tformer / transformers: {med['tformer'] / med['transformers']:.2f} (target >= 1.1)")
+    for ref in ("nanoGPT", "transformers"):
+        if ref in med:
+            print(f"ratio tformer / {ref}: {med['tformer'] / med[ref]:.2f}")
 
 
 if __name__ == "__main__":

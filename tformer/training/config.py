@@ -22,6 +22,7 @@ MAX_COUNT = 2**40  # steps, batch sizes, intervals: far beyond any run, and safe
 # -- training -----------------------------------------------------------------------------------
 
 SCHEDULES = ("cosine", "noam", "constant")
+OPTIMIZERS = ("adamw", "muon")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
@@ -45,6 +46,8 @@ class TrainConfig:
     warmup: int = 100
     schedule: str = "cosine"
     weight_decay: float = 0.1  # not applied to norms, biases or embeddings
+    optimizer: str = "adamw"  # muon: Muon for the hidden weight matrices, AdamW for the rest
+    muon_lr: float = 0.02  # Muon's peak learning rate (the schedule scales it as it scales lr)
     beta1: float = 0.9
     beta2: float = 0.99
     clip: float = 1.0  # max gradient norm; 0 turns clipping off
@@ -72,7 +75,7 @@ class TrainConfig:
         if self.steps is not None:
             _positive_int("steps", self.steps)
             check_int("steps", self.steps, 1, MAX_COUNT)
-        for name in ("epochs", "time_budget", "lr"):
+        for name in ("epochs", "time_budget", "lr", "muon_lr"):
             value = getattr(self, name)
             if value is not None and not (_real(value) and value > 0):
                 raise ConfigError(f"{name}={value!r} must be a finite positive number")
@@ -94,6 +97,7 @@ class TrainConfig:
         if not (_real(self.mean_span) and self.mean_span >= 1):
             raise ConfigError(f"mean_span={self.mean_span!r} must be a number >= 1")
         _choice("schedule", self.schedule, SCHEDULES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("device", self.device, DEVICES)
         _choice("dtype", self.dtype, DTYPES)
         if self.schedule == "noam" and self.warmup == 0:
