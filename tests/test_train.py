@@ -199,14 +199,16 @@ def test_encoder_decoder_trains_on_tsv_pairs(tmp_path):
     assert evals[-1]["val_bleu"] == pytest.approx(expected, abs=1e-9)
 
 
-def test_resume_continues_bit_for_bit(tmp_path):
-    """A run stopped at step k and resumed logs the same losses as one that was never stopped."""
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_bit_for_bit(tmp_path, optimizer):
+    """A run stopped at step k and resumed logs the same losses as one that was never stopped (with Muon too:
+    its momentum is saved and restored by parameter name)."""
     from tformer.training.loop import StopFlag, train
     from tformer.training.plan import plan_run
 
     corpus = write_corpus(tmp_path / "corpus.txt")
     options = dict(d_model=32, layers=1, heads=2, d_ff=64, context=32, batch_size=4, steps=30, log_every=3,
-                   eval_every=10, eval_batches=2, dropout=0.1, warmup=3)
+                   eval_every=10, eval_batches=2, dropout=0.1, warmup=3, optimizer=optimizer)
 
     def run(out: Path, stop_at: int | None = None, resume: str | None = None):
         plan = plan_run([corpus], options, out=out, kind="char", resume=resume)

@@ -80,6 +80,11 @@ def train_command(
     grad_accum: Optional[int] = _opt("N", "--grad-accum", help="Micro-batches per optimizer step.", panel=OPTIM,
                                      default=_default("grad_accum")),
     lr: Optional[float] = _opt("X", help="Peak learning rate.", panel=OPTIM, default=_default("lr")),
+    optimizer: Optional[str] = _opt("NAME", help="adamw, or muon: Muon for the hidden weight matrices (attention and "
+                                    "feed-forward), AdamW for embeddings, norms and biases.", panel=OPTIM,
+                                    default=_default("optimizer")),
+    muon_lr: Optional[float] = _opt("X", "--muon-lr", help="Muon's peak learning rate (with --optimizer muon; the "
+                                    "schedule scales it as --lr).", panel=OPTIM, default=_default("muon_lr")),
     weight_decay: Optional[float] = _opt("X", "--weight-decay", help="AdamW weight decay (not on norms, biases, "
                                          "embeddings).", panel=OPTIM, default=_default("weight_decay")),
     clip: Optional[float] = _opt("X", help="Gradient-norm clipping (0: off).", panel=OPTIM, default=_default("clip")),
@@ -132,7 +137,8 @@ def train_command(
     options = dict(arch=arch, d_model=d_model, layers=layers, heads=heads, kv_heads=kv_heads, d_ff=d_ff, norm=norm,
                    norm_placement=norm_placement, pos_encoding=pos_encoding, activation=activation, bias=bias,
                    tie_embeddings=tie_embeddings, context=context, batch_size=batch_size, grad_accum=grad_accum,
-                   steps=steps, epochs=epochs, time_budget=time_budget, lr=lr, warmup=warmup, schedule=schedule,
+                   steps=steps, epochs=epochs, time_budget=time_budget, lr=lr, optimizer=optimizer,
+                   muon_lr=muon_lr, warmup=warmup, schedule=schedule,
                    weight_decay=weight_decay, dropout=dropout, clip=clip, label_smoothing=label_smoothing, seed=seed,
                    device=device, dtype=dtype, compile=compile, eval_every=eval_every, eval_batches=eval_batches,
                    save_every=save_every, log_every=log_every, preset=preset, fsdp=fsdp)

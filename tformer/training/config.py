@@ -100,6 +100,9 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("device", self.device, DEVICES)
         _choice("dtype", self.dtype, DTYPES)
+        if self.optimizer == "muon" and self.fsdp:
+            raise ConfigError("optimizer='muon' does not work with --fsdp: it orthogonalizes whole matrices, and "
+                              "FSDP gives each rank a slice (use DDP, the default under torchrun)")
         if self.schedule == "noam" and self.warmup == 0:
             raise ConfigError("schedule='noam' needs warmup >= 1 (its peak is at step = warmup)")
 

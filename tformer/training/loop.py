@@ -56,7 +56,7 @@ from tformer.training.objectives import (
     loss_fn,
     sequence_tokens,
 )
-from tformer.training.optim import learning_rate, make_optimizer
+from tformer.training.optim import learning_rate, make_optimizer, set_learning_rate
 from tformer.training.plan import check_data, total_steps_for
 from tformer.training.resume import restore, truncate_metrics
 from tformer.training.state import METRICS_FILE, LoopState
@@ -232,8 +232,7 @@ class _Run:
         """One optimizer step over `grad_accum` micro-batches; returns the step's loss (on the device)."""
         cfg, state, device = self.cfg, self.state, self.device
         lr = learning_rate(state.step, cfg, self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.optimizer, lr, cfg)
         step_loss = torch.zeros((), device=device)
         step_tokens = 0
         pin = device.type == "cuda"
@@ -253,7 +252,9 @@ class _Run:
         self.nonfinite |= ~torch.isfinite(step_loss)
         if cfg.clip > 0:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
+            # foreach: a few kernels over all gradients rather than one norm per tensor (not on FSDP's shards)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip,
+                                     foreach=None if distributed.is_sharded(self.model) else True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

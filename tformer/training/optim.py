@@ -1,11 +1,13 @@
-"""The optimizer and the learning-rate schedules."""
+"""The optimizers (AdamW; Muon for the hidden weight matrices with AdamW for the rest) and the learning-rate
+schedules."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from tformer.training.config import TrainConfig
 
@@ -18,6 +20,7 @@ def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:
     noam: the paper's (section 5.3) d_model^-0.5 * min(s^-0.5, s * warmup^-1.5), scaled so its peak
       at s = warmup equals `lr`; lr = d_model^-0.5 * warmup^-0.5 gives the paper's formula exactly.
     constant: linear warmup, then `lr`.
+    Parameter groups with a peak of their own (Muon's `muon_lr`) follow the same curve, scaled.
     """
     s = step + 1
     if cfg.schedule == "noam":
@@ -31,13 +34,119 @@ def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on the weight matrices only (not on norms, biases or embeddings)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_embedding = any(part in f".{name}" for part in (".tok.", ".pos.", ".token_type."))
-        (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, cfg: TrainConfig) -> None:
+    """Set the scheduled rate `lr` (on the scale of cfg.lr) in every parameter group, scaled to the group's peak."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("peak_lr", cfg.lr) / cfg.lr
+
+
+# -- parameter groups -----------------------------------------------------------------------------
+
+def _is_embedding(name: str) -> bool:
+    return any(part in f".{name}" for part in (".tok.", ".pos.", ".token_type."))
+
+
+def _hidden_matrix(name: str, p: Tensor) -> bool:
+    """A weight matrix inside the stacks (attention and feed-forward): what Muon orthogonalizes. Embeddings and
+    the output head are not hidden layers (their rows are per-token vectors, not a linear map between widths)."""
+    return p.dim() == 2 and not _is_embedding(name) and not name.endswith("lm_head.weight")
+
+
+def _plain_tensors(params: list[Tensor]) -> bool:
+    """Fused kernels take plain tensors only (not FSDP's DTensor shards)."""
+    return all(type(p) is nn.Parameter or type(p) is Tensor for p in params)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the weight matrices only (not on norms, biases or embeddings); with
+    `cfg.optimizer == "muon"`, Muon for the hidden weight matrices and AdamW for the rest.
+
+    AdamW runs fused (one kernel over all tensors) on the CPU and CUDA: far fewer small operations per step
+    than the per-tensor loop, and the same update.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for n, p in named if cfg.optimizer == "muon" and _hidden_matrix(n, p)]
+    hidden_ids = {id(p) for p in hidden}
+    decay = [p for n, p in named if id(p) not in hidden_ids and p.dim() >= 2 and not _is_embedding(n)]
+    no_decay = [p for n, p in named if id(p) not in hidden_ids and not (p.dim() >= 2 and not _is_embedding(n))]
+    fused = device.type in ("cpu", "cuda") and _plain_tensors([p for _, p in named])
+    adamw_groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                                {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    for g in adamw_groups:
+        g["peak_lr"] = cfg.lr
+    if not hidden:
+        return torch.optim.AdamW(adamw_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    return MuonAdamW([{"params": hidden, "weight_decay": cfg.weight_decay, "lr": cfg.muon_lr, "peak_lr": cfg.muon_lr}],
+                     adamw_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+# -- Muon -------------------------------------------------------------------------------------------
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic of Jordan et al. (2024): steepest slope at zero
+
+
+def orthogonalize(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """An approximation of U V^T for g = U S V^T by a quintic Newton-Schulz iteration (singular values end near 1,
+    not exactly 1, which is what Muon needs). Kept in g's dtype: fp32 on the CPU, where bf16 products are slow
+    on most x86 cores and would round differently on different ones."""
+    a, b, c = NS_COEFFICIENTS
+    wide = g.size(0) <= g.size(1)
+    x = g if wide else g.T  # iterate on the side whose Gram matrix is smaller
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x if wide else x.T
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon (momentum, then the update orthogonalized by Newton-Schulz; Jordan et al., 2024) for the parameter
+    groups given as `muon_groups`, AdamW for `adamw_groups`, as one optimizer: one state, saved and resumed by
+    parameter name like AdamW's alone.
+
+    Muon's step for a matrix W (rows x cols): B = mu B + G; U = orth(G + mu B) (Nesterov);
+    W = W (1 - lr wd) - lr sqrt(max(1, rows / cols)) U.
+    """
+
+    def __init__(self, muon_groups: list[dict[str, Any]], adamw_groups: list[dict[str, Any]], *, lr: float,
+                 betas: tuple[float, float], fused: bool, momentum: float = 0.95, ns_steps: int = 5) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+                        foreach=None, capturable=False, differentiable=False, fused=fused or None,
+                        decoupled_weight_decay=True, momentum=momentum, ns_steps=ns_steps)
+        groups = [{**g, "muon": True} for g in muon_groups] + [{**g, "muon": False} for g in adamw_groups]
+        super().__init__(groups, defaults)
+        self._adamw = torch.optim.AdamW([torch.zeros(1)], lr=lr, betas=betas, fused=fused or None)
+        self._link()
+
+    def _link(self) -> None:
+        """The inner AdamW works on this optimizer's own AdamW groups and state (the same objects)."""
+        self._adamw.param_groups = [g for g in self.param_groups if not g["muon"]]
+        self._adamw.state = self.state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._link()
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        if closure is not None:
+            raise ValueError("MuonAdamW takes no closure")
+        for group in self.param_groups:
+            if group["muon"]:
+                self._muon_step(group)
+        if self._adamw.param_groups:
+            self._adamw.step()
+
+    def _muon_step(self, group: dict[str, Any]) -> None:
+        mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.mul_(mu).add_(p.grad)
+            update = orthogonalize(p.grad.add(buf, alpha=mu), group["ns_steps"])
+            p.mul_(1 - lr * wd)
+            p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)

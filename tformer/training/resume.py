@@ -63,10 +63,11 @@ def restore(
 
 
 def _check_optimizer_shapes(optim: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], where: Path) -> None:
-    """AdamW's moments have their parameter's shape (a wrong one would fail only at the first step)."""
+    """AdamW's moments and Muon's momentum have their parameter's shape (a wrong one would fail only at the first
+    step)."""
     for key, tensor in optim.items():
         name, _, kind = key.rpartition(".")
-        if kind in ("exp_avg", "exp_avg_sq") and name in weights and tensor.shape != weights[name].shape:
+        if kind in ("exp_avg", "exp_avg_sq", "momentum_buffer") and name in weights and tensor.shape != weights[name].shape:
             raise CheckpointError(f"{where}: tensor '{key}' has shape {tuple(tensor.shape)} but its parameter "
                                   f"has {tuple(weights[name].shape)}")
 
