@@ -196,7 +196,7 @@ def check_trainer_state(info: Any, path: Path) -> dict[str, Any]:
                                   ("best_val_loss", (int, float, type(None)), True), ("rng", dict, True),
                                   ("elapsed", (int, float), False), ("train_loss", (int, float, type(None)), False),
                                   ("val", (dict, type(None)), False), ("scaler", (dict, type(None)), False),
-                                  ("arch", str, False)):
+                                  ("arch", str, False), ("progress", (int, float), False)):
         if name not in info:
             if required:
                 raise CheckpointError(f"{path} lacks the field '{name}'; the run cannot be resumed from it")
@@ -207,6 +207,8 @@ def check_trainer_state(info: Any, path: Path) -> dict[str, Any]:
                                   f"({_kinds(kinds)}); the run cannot be resumed from it")
         if isinstance(value, float) and not math.isfinite(value) and name not in ("best_val_loss", "train_loss"):
             raise CheckpointError(f"{path}: '{name}' is {value!r}; it must be finite")
+    if not 0 <= info.get("progress", 0) <= 1:
+        raise CheckpointError(f"{path}: 'progress'={info['progress']} is out of range; allowed: 0 to 1")
     for name in ("step", "tokens_seen"):
         if not 0 <= info[name] < 2**62:
             raise CheckpointError(f"{path}: '{name}'={info[name]} is out of range; allowed: 0 to 2**62")

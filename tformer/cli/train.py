@@ -17,7 +17,7 @@ from tformer.cli.common import (
 )
 from tformer.cli.train_view import TrainView, summary
 from tformer.config import ACTIVATIONS, NORM_PLACEMENTS, NORMS, POS_ENCODINGS, PRESETS
-from tformer.training.config import TRAIN_PRESETS, TrainConfig
+from tformer.training.config import PAIRS_PRESET, TRAIN_PRESETS, TrainConfig
 
 DEFAULT_PRESET = "tiny"
 _TINY = TRAIN_PRESETS[DEFAULT_PRESET]["train"]
@@ -47,14 +47,15 @@ def train_command(
         None, help="Text files, directories, a .tsv of source<TAB>target pairs, or a `tformer tokenize` "
                    "output directory. Default: the built-in corpus.", show_default=False),
     # data
-    kind: Optional[str] = _opt("NAME", help="Tokenizer for raw text: bpe, char or byte.", panel=DATA, default="bpe"),
+    kind: Optional[str] = _opt("NAME", help="Tokenizer for raw text: bpe, char or byte.", panel=DATA,
+                               default=f"bpe; char with --preset {PAIRS_PRESET}"),
     vocab_size: Optional[int] = _opt("N", "--vocab-size", help="BPE vocabulary size.", panel=DATA, default="4096"),
     tokenizer: Optional[Path] = _opt("PATH", help="Encode raw text with this tokenizer.json.", panel=DATA),
     context: Optional[int] = _opt("N", help="Tokens per training sequence.", panel=DATA, default=_default("context")),
     # model
     arch: Optional[str] = _opt("NAME", help="encoder, decoder or encoder-decoder.", panel=MODEL, default="decoder"),
     preset: Optional[str] = _opt("NAME", help=f"Model and training preset: {PRESET_NAMES}.", panel=MODEL,
-                                 default=DEFAULT_PRESET),
+                                 default=f"{DEFAULT_PRESET}; {PAIRS_PRESET} for a .tsv of pairs"),
     config: Optional[Path] = _opt("PATH", "--config", help="A TOML file of options; flags override it.", panel=MODEL),
     d_model: Optional[int] = _opt("N", "--d-model", help="Model width.", panel=MODEL, default="preset"),
     layers: Optional[int] = _opt("N", help="Layers (of each stack).", panel=MODEL, default="preset"),
@@ -96,6 +97,9 @@ def train_command(
     epochs: Optional[float] = _opt("X", help="Passes over the training data (instead of --steps).", panel=SCHEDULE),
     time_budget: Optional[float] = _opt("X", "--time-budget", help="Stop (and save) after this many seconds of this "
                                         "command (a resumed run gets the whole budget again).", panel=SCHEDULE),
+    decay_to_budget: Optional[bool] = _opt("", "--decay-to-budget/--no-decay-to-budget", help="With --time-budget: "
+                                           "the cosine reaches its floor when the budget ends, if that comes "
+                                           "before the last step.", panel=SCHEDULE, default=_default("decay_to_budget")),
     warmup: Optional[int] = _opt("N", help="Warmup steps.", panel=SCHEDULE, default=_default("warmup")),
     schedule: Optional[str] = _opt("NAME", help="cosine, noam (the paper's) or constant.", panel=SCHEDULE,
                                    default=_default("schedule")),
@@ -137,8 +141,8 @@ def train_command(
     options = dict(arch=arch, d_model=d_model, layers=layers, heads=heads, kv_heads=kv_heads, d_ff=d_ff, norm=norm,
                    norm_placement=norm_placement, pos_encoding=pos_encoding, activation=activation, bias=bias,
                    tie_embeddings=tie_embeddings, context=context, batch_size=batch_size, grad_accum=grad_accum,
-                   steps=steps, epochs=epochs, time_budget=time_budget, lr=lr, optimizer=optimizer,
-                   muon_lr=muon_lr, warmup=warmup, schedule=schedule,
+                   steps=steps, epochs=epochs, time_budget=time_budget, decay_to_budget=decay_to_budget, lr=lr,
+                   optimizer=optimizer, muon_lr=muon_lr, warmup=warmup, schedule=schedule,
                    weight_decay=weight_decay, dropout=dropout, clip=clip, label_smoothing=label_smoothing, seed=seed,
                    device=device, dtype=dtype, compile=compile, eval_every=eval_every, eval_batches=eval_batches,
                    save_every=save_every, log_every=log_every, preset=preset, fsdp=fsdp)

@@ -41,6 +41,8 @@ class TrainConfig:
     steps: int | None = None
     epochs: float | None = None
     time_budget: float | None = None
+    # with time_budget: the cosine decays by the end of the budget if that comes before the last step
+    decay_to_budget: bool = False
     lr: float = 1e-3  # peak learning rate (for noam: the peak, reached at step = warmup)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup: int = 100
@@ -96,6 +98,8 @@ class TrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be a finite non-negative number")
         if not (_real(self.mean_span) and self.mean_span >= 1):
             raise ConfigError(f"mean_span={self.mean_span!r} must be a number >= 1")
+        if not isinstance(self.decay_to_budget, bool):
+            raise ConfigError(f"decay_to_budget={self.decay_to_budget!r} must be true or false")
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("device", self.device, DEVICES)
@@ -144,8 +148,26 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         train=dict(steps=450, context=64, batch_size=32, optimizer="muon", lr=4e-3, muon_lr=0.06, warmup=50,
                    min_lr_ratio=0.1, weight_decay=0.1, beta2=0.99, eval_every=450, log_every=25),
     ),
+    # Encoder-decoder pairs (a .tsv of source<TAB>target) on a 2-core CPU, and the default for them: short
+    # transduction tasks learned to exact match within minutes (benchmarks/bench_transduction.py). Characters
+    # as tokens (a BPE vocabulary cuts digits and random letters into pieces the model must first learn to
+    # spell); two layers a side, which take more steps in the same time than four and learn as much per step;
+    # no dropout or label smoothing, which slow the climb to exact match on noiseless data; the cosine follows
+    # --time-budget (decay_to_budget), so a run cut by the budget still ends at the low rate.
+    "transduction": dict(
+        model="tiny", kind="char",
+        model_overrides=dict(n_encoder_layers=2, n_decoder_layers=2, dropout=0.0),
+        train=dict(steps=3000, context=256, batch_size=64, lr=2e-3, warmup=50, label_smoothing=0.0,
+                   decay_to_budget=True, eval_every=500),
+    ),
 }
 DEFAULT_STEPS = 1000
+PAIRS_PRESET = "transduction"  # the preset of an encoder-decoder trained on a .tsv of pairs when none is named
+
+
+def preset_kind(name: str | None) -> str | None:
+    """The tokenizer kind a training preset gives raw text when --kind is not given (None: the usual default)."""
+    return TRAIN_PRESETS.get(name or "", {}).get("kind")
 
 
 def train_preset(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:

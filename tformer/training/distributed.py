@@ -241,6 +241,15 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def max_over_ranks(value: float) -> float:
+    """The largest of a host number over ranks (a CPU all-reduce), so that every rank agrees on it."""
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def any_true(flag: Tensor) -> bool:
     """A boolean device tensor (e.g. "the loss was NaN") reduced over ranks and read on the host."""
     if world_size() == 1:

@@ -205,6 +205,8 @@ class _Run:
         self.compiled.train()
         self.invoked = time.perf_counter()  # --time-budget counts this command, not the runs before a resume
         self.started = self.invoked - state.elapsed
+        # decay_to_budget: a resumed run spends the rest of the decay over its own budget
+        self.progress_start = state.progress
         self.window_start, self.window_tokens = time.perf_counter(), 0
         stopped = "done"
         with open(self.metrics_path if distributed.is_main() else os.devnull, "a", encoding="utf-8") as metrics, \
@@ -212,7 +214,11 @@ class _Run:
             while state.step < self.total_steps:
                 step_loss = self.step()
                 last = state.step == self.total_steps
-                out_of_time = cfg.time_budget is not None and time.perf_counter() - self.invoked >= cfg.time_budget
+                spent = time.perf_counter() - self.invoked
+                out_of_time = cfg.time_budget is not None and spent >= cfg.time_budget
+                if cfg.decay_to_budget and cfg.time_budget is not None:
+                    share = self.progress_start + (1 - self.progress_start) * min(1.0, spent / cfg.time_budget)
+                    state.progress = distributed.max_over_ranks(share)  # every rank steps with the same rate
                 halt = distributed.any_rank(self.stop.requested is not None or out_of_time)  # stop together
                 eval_now = state.step % cfg.eval_every == 0 or last or halt
                 if state.step % cfg.log_every == 0 or eval_now:
@@ -231,7 +237,7 @@ class _Run:
     def step(self) -> torch.Tensor:
         """One optimizer step over `grad_accum` micro-batches; returns the step's loss (on the device)."""
         cfg, state, device = self.cfg, self.state, self.device
-        lr = learning_rate(state.step, cfg, self.total_steps)
+        lr = learning_rate(state.step, cfg, self.total_steps, state.progress)
         set_learning_rate(self.optimizer, lr, cfg)
         step_loss = torch.zeros((), device=device)
         step_tokens = 0

@@ -13,10 +13,11 @@ from tformer.training.config import TrainConfig
 
 # -- schedules ----------------------------------------------------------------------------------
 
-def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:
+def learning_rate(step: int, cfg: TrainConfig, total_steps: int, progress: float = 0.0) -> float:
     """Learning rate for optimizer step `step` (0-based).
 
-    cosine: linear warmup to `lr`, then cosine decay to lr * min_lr_ratio at the last step.
+    cosine: linear warmup to `lr`, then cosine decay to lr * min_lr_ratio at the last step, or sooner:
+      `progress` (0 to 1, e.g. the share of a time budget spent) moves the decay on when it is ahead.
     noam: the paper's (section 5.3) d_model^-0.5 * min(s^-0.5, s * warmup^-1.5), scaled so its peak
       at s = warmup equals `lr`; lr = d_model^-0.5 * warmup^-0.5 gives the paper's formula exactly.
     constant: linear warmup, then `lr`.
@@ -29,7 +30,7 @@ def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:
         return cfg.lr * s / cfg.warmup
     if cfg.schedule == "constant":
         return cfg.lr
-    progress = min(1.0, (s - cfg.warmup) / max(1, total_steps - cfg.warmup))
+    progress = min(1.0, max(progress, (s - cfg.warmup) / max(1, total_steps - cfg.warmup)))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

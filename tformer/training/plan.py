@@ -29,7 +29,7 @@ from tformer.data.batches import steps_per_epoch
 from tformer.device import resolve_device, resolve_precision
 from tformer.errors import TformerError
 from tformer.files import recover_directory, swap_directory
-from tformer.training.config import TrainConfig
+from tformer.training.config import PAIRS_PRESET, TrainConfig, preset_kind
 from tformer.training.lock import RunLock
 from tformer.training.objectives import OBJECTIVES, TrainData
 from tformer.training.options import read_toml, resolve_configs
@@ -134,6 +134,18 @@ def _is_token_dir(corpus: list[Path] | None) -> bool:
     return bool(corpus) and len(corpus) == 1 and (Path(corpus[0]) / "meta.json").is_file()
 
 
+def _is_pairs(corpus: list[Path] | None) -> bool:
+    """Whether CORPUS is source/target pairs: .tsv files, or a `tformer tokenize` directory of them."""
+    if not corpus:
+        return False
+    if _is_token_dir(corpus):
+        try:
+            return json.loads((Path(corpus[0]) / "meta.json").read_text(encoding="utf-8")).get("layout") == "pairs"
+        except (OSError, ValueError, AttributeError):
+            return False  # the planning that follows names what is wrong with it
+    return all(Path(p).suffix.lower() == ".tsv" for p in corpus)
+
+
 def prepare_tokens(
     corpus: list[Path] | None, cache_dir: Path, kind: str | None, vocab_size: int | None,
     tokenizer: Path | None, on_tokenize: Callable | None = None, staging: Path | None = None,
@@ -198,6 +210,12 @@ def plan_run(
     if resume is not None and init_from is not None:
         raise TformerError("--resume continues a run and --init-from starts a new one from weights; choose one")
     arch = options.get("arch")
+    if resume is None and init_from is None:
+        if options.get("preset") is None and arch == "encoder-decoder" and _is_pairs(corpus):
+            options["preset"] = PAIRS_PRESET
+            notes.append(f"pairs train with --preset {PAIRS_PRESET} unless another is named")
+        if kind is None and vocab_size is None and tokenizer is None and not _is_token_dir(corpus):
+            kind = preset_kind(options.get("preset"))  # e.g. characters for transduction
 
     base_model = base_train = None
     init_model = None

@@ -59,7 +59,7 @@ def restore(
                               f"{str(e).splitlines()[0]}") from None
     return LoopState(step=info["step"], tokens_seen=info["tokens_seen"], best_val_loss=info["best_val_loss"],
                      val=info.get("val") or {}, lr=info["lr"], elapsed=info.get("elapsed", 0.0),
-                     train_loss=info.get("train_loss"))
+                     train_loss=info.get("train_loss"), progress=info.get("progress", 0.0))
 
 
 def _check_optimizer_shapes(optim: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], where: Path) -> None:

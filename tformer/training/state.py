@@ -65,6 +65,7 @@ class LoopState:
     lr: float = 0.0
     elapsed: float = 0.0
     train_loss: float | None = None
+    progress: float = 0.0  # the share of the cosine's decay done by the time budget (decay_to_budget)
 
     def to_json(self, batches: Batches, scaler: torch.amp.GradScaler | None, extra: dict[str, Any]) -> dict:
         rng = {"torch": b64(torch.get_rng_state()), "data": b64(batches.state())}
@@ -73,7 +74,7 @@ class LoopState:
         return {
             "step": self.step, "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val_loss,
             "val_loss": self.val.get("val_loss"), "val": self.val, "lr": self.lr, "elapsed": self.elapsed,
-            "train_loss": self.train_loss, "rng": rng,
+            "train_loss": self.train_loss, "progress": self.progress, "rng": rng,
             "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
             **extra,
         }
