@@ -4,6 +4,8 @@ Sections (each prints what it measures: device, dtype, batch size, prompt and ge
   cpu    batch 1, fp32, GPT-2 124M shape, 16-token prompt, greedy: tokens/s of ours vs transformers (default cache)
   cache  our KV cache vs recomputing the whole sequence (--no-cache), at several generated lengths
   batch  throughput at batch 1, 8, 32 on the CPU, ours vs transformers
+  int8   batch 1, GPT-2 124M shape: fp32 vs --quantize int8 tokens/s, and fp32 decode steps/s against a plain read of
+         the weight matrices (bench_matvec.py's last row) measured between the trials
   gpu    (CUDA only) bf16 batch 1 with and without --compile vs transformers (GPT-2 124M); the GPT-2 XL shape's
          share of the measured copy bandwidth; batch 32 throughput
 
@@ -14,6 +16,7 @@ tokens (no <eos> stops either side); the greedy token ids are checked equal.
 
     python benchmarks/bench_generate.py                      # cpu, cache, batch
     python benchmarks/bench_generate.py --sections gpu       # on a machine with CUDA (--device, --dtype)
+    python benchmarks/bench_generate.py --sections int8      # int8 vs fp32 and fp32 vs the read bound (CPU)
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from tformer.checkpoint import gpt2_config_from_hf, gpt2_state_from_hf, load_state
+from tformer.generation import quantize
 from tformer.generation.config import GenerateConfig
 from tformer.generation.cpu_decoding import cpu_decoding_layout
 from tformer.generation.generate import generate
@@ -187,6 +191,41 @@ def section_batch(args) -> None:
         print(f"  ratio: {m['tformer'] / m['transformers generate']:.2f}x")
 
 
+def section_int8(args) -> None:
+    hf, ours = pair(transformers.GPT2Config(), "cpu", torch.float32)
+    cfg = gpt2_config_from_hf(hf.config.to_dict())
+    int8 = build_model(cfg)
+    load_state(int8, gpt2_state_from_hf(hf.state_dict(), cfg), where="random GPT-2")
+    del hf
+    cpu_decoding_layout(quantize.quantize_model(int8.eval()))  # as `tformer generate --quantize int8` loads it
+    tok = word_tokenizer(cfg.vocab_size)
+    prompts = prompts_for(tok, cfg.vocab_size, 1, PROMPT_LEN)
+    n = args.new_tokens
+    # The read bound: one plain sum over each weight matrix a step multiplies by (bench_matvec.py's last row).
+    mats = [p for name, p in ours.named_parameters() if p.dim() == 2 and "pos" not in name]
+    read_rates: list[float] = []
+
+    def plain_read() -> None:
+        for _ in range(3):
+            seconds, _ = timed(lambda: [w.sum() for w in mats], "cpu")
+            read_rates.append(1 / seconds)
+
+    runs = {"tformer fp32": ours_fn(ours, tok, prompts, n), "tformer int8": ours_fn(int8, tok, prompts, n),
+            "plain read": lambda: plain_read()}
+    m = compare(f"[int8] GPT-2 124M shape, greedy, {where('cpu', torch.float32, 1, PROMPT_LEN, n)}", runs, n,
+                args.trials, "cpu")
+    outs = {name: fn() for name, fn in list(runs.items())[:2]}
+    fp32_ids, int8_ids = (generated_ids(o)[0] for o in outs.values())
+    same = sum(a == b for a, b in zip(fp32_ids, int8_ids))
+    steady = {name: o.timings.tokens_per_s for name, o in outs.items()}
+    read = statistics.median(read_rates)
+    print(f"  ratio int8 / fp32 (end to end): {m['tformer int8'] / m['tformer fp32']:.2f}x  (target >= 1.6); "
+          f"greedy ids equal: {same}/{len(fp32_ids)} (random weights: agreement means little)")
+    print(f"  plain read of the weights: {read:.1f} steps/s (median of {len(read_rates)}); "
+          f"fp32 decode steps alone {steady['tformer fp32']:.1f} steps/s = {steady['tformer fp32'] / read:.0%} "
+          f"of the read bound (target >= 85%); end to end {m['tformer fp32'] / read:.0%}")
+
+
 def copy_bandwidth(device: str, size: int = 1 << 30) -> float:
     """Bytes read + written per second by a device-to-device copy of `size` bytes (median of 10)."""
     a = torch.empty(size, dtype=torch.uint8, device=device)
@@ -249,7 +288,8 @@ def section_gpu(args) -> None:
                       f"bandwidth {bw / 1e9:.0f} GB/s (read + written)  (target >= 60%)")
 
 
-SECTIONS = {"cpu": section_cpu, "cache": section_cache, "batch": section_batch, "gpu": section_gpu}
+SECTIONS = {"cpu": section_cpu, "cache": section_cache, "batch": section_batch, "gpu": section_gpu,
+            "int8": section_int8}
 
 
 def main() -> None:
