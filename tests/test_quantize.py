@@ -60,8 +60,8 @@ def test_int8_linear_kernel_equals_a_naive_dequantized_matmul():
     w, b = torch.randn(96, 64), torch.randn(96)
     m = q.Int8Linear.from_weight(w, b)
     m.use_kernel, m.packed = True, q.pack(m.weight)  # force the compiled kernel on a small matrix
-    m.padded_scale = m.weight_scale
-    naive = lambda x: x @ (m.weight.float() * m.weight_scale[:, None]).t() + b  # noqa: E731
+    m.padded_scale, m.padded_bias = m.weight_scale, b
+    naive = lambda x: x @ (m.weight.float() * m.weight_scale[:, None]).t() + b
     for shape in [(1, 1, 64), (2, 1, 64), (3, 5, 64)]:  # one row (kernel), two rows (kernel twice), many (dequantize)
         x = torch.randn(*shape)
         torch.testing.assert_close(m(x), naive(x), rtol=1e-5, atol=1e-5)

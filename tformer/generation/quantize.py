@@ -54,7 +54,7 @@ def check_applies(device: torch.device, dtype: torch.dtype) -> None:
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     """(q, scale): q int8 (out, in) in [-127, 127] and scale float32 (out,) with weight ~= q * scale[:, None].
     Each element's error is at most scale / 2 = max|row| / 254."""
-    w = weight.detach().float()
+    w = weight.detach().float().contiguous()
     scale = w.abs().amax(dim=1) / 127
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale is exact
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
@@ -77,26 +77,27 @@ def pack(q: Tensor) -> Tensor:
     return b.view(torch.int32).reshape(padded // BLOCK, d_in, 8)
 
 
-def _matvec(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
-    """x (1, in) times the packed int8 matrix, times the scales: (1, out_padded). Written for inductor:
-    one loop over the int32 words of each block, four accumulators, each word read once."""
+def _matvec(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (1, in) times the packed int8 matrix, times the scales, plus the bias: (1, out_padded). Written for
+    inductor: one loop over the int32 words of each block, four accumulators, each word read once."""
     xs = x.reshape(1, -1, 1)
     # (w << (24 - 8k)) >> 24 is byte k, sign-extended (arithmetic shift of int32)
     parts = [(xs * ((packed << (24 - 8 * k)) >> 24).float()).sum(1) for k in range(4)]  # each (blocks, 8)
-    return torch.stack(parts, 1).reshape(1, -1) * scale
+    y = torch.stack(parts, 1).reshape(1, -1) * scale
+    return y if bias is None else y + bias
 
 
 _compiled: Any = None
 _kernel_failed: str | None = None  # why the compiled kernel is not used (no C++ compiler, ...): dequantize instead
 
 
-def matvec(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
+def matvec(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """`_matvec` compiled (one specialisation per matrix shape), or eager where compiling failed."""
     global _compiled, _kernel_failed
     if torch.compiler.is_compiling():
-        return _matvec(x, packed, scale)  # traced into the caller's graph
+        return _matvec(x, packed, scale, bias)  # traced into the caller's graph
     if _kernel_failed is not None:
-        return _matvec(x, packed, scale)
+        return _matvec(x, packed, scale, bias)
     if _compiled is None:
         import torch._dynamo.config as dynamo_config
 
@@ -104,13 +105,13 @@ def matvec(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         _compiled = torch.compile(_matvec, dynamic=False, fullgraph=True)
     try:
-        return _compiled(x, packed, scale)
+        return _compiled(x, packed, scale, bias)
     except Exception as e:  # noqa: BLE001 - no C++ compiler, or inductor failing: the same math, eager (slower)
         _kernel_failed = f"{type(e).__name__}: {e}".splitlines()[0]
         import warnings
 
         warnings.warn(f"int8 kernel not compiled ({_kernel_failed}); decoding with the eager fallback", stacklevel=2)
-        return _matvec(x, packed, scale)
+        return _matvec(x, packed, scale, bias)
 
 
 class Int8Linear(nn.Module):
@@ -144,6 +145,7 @@ class Int8Linear(nn.Module):
             self.packed = pack(self.weight)
             pad = self.packed.size(0) * BLOCK - self.out_features
             self.padded_scale = F.pad(self.weight_scale.float(), (0, pad))
+            self.padded_bias = None if self.bias is None else F.pad(self.bias.detach().float(), (0, pad))
         return self
 
     def forward(self, x: Tensor) -> Tensor:
@@ -151,10 +153,10 @@ class Int8Linear(nn.Module):
         if not (self.use_kernel and rows <= MAX_KERNEL_ROWS and x.dtype == torch.float32):
             return F.linear(x, dequantize(self.weight, self.weight_scale, x.dtype), self.bias)
         flat = x.reshape(rows, self.in_features)
-        y = torch.cat([matvec(flat[r:r + 1], self.packed, self.padded_scale) for r in range(rows)])
-        y = y[:, :self.out_features]
-        if self.bias is not None:
-            y = y + self.bias
+        ys = [matvec(flat[r:r + 1], self.packed, self.padded_scale, self.padded_bias) for r in range(rows)]
+        y = ys[0] if rows == 1 else torch.cat(ys)
+        if y.size(1) != self.out_features:
+            y = y[:, :self.out_features]
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
