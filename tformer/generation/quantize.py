@@ -10,6 +10,7 @@ latter loads eight int8 values at a time through a partial-vector copy, and walk
 columns). So `pack` stores each block of 32 output rows as int32 words holding four int8 weights each,
 (out/32, in, 8), and `_matvec` unpacks a word with two shifts: inductor vectorises int32 shifts and
 int32-to-float conversion natively and walks the words in memory order, one block of rows per thread.
+(The words are stored as float32 bits: see `pack`.)
 
 Products with more rows (prefill, evaluation, large batches) dequantize the matrix and use F.linear.
 Only safetensors and JSON are read: `load_quantized` checks every name, shape and dtype first.
@@ -62,56 +63,62 @@ def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """q * scale[:, None] in `dtype`."""
-    return q.to(dtype) * scale.to(dtype)[:, None]
+    """q * scale[:, None] in `dtype` (one pass: the int8 operand is promoted inside the multiply)."""
+    return torch.mul(q, scale.to(dtype)[:, None])
 
 
 def pack(q: Tensor) -> Tensor:
-    """q int8 (out, in) as int32 words (ceil(out/32), in, 8): byte k of lane l of block b holds row b*32 + k*8 + l
-    (zero rows pad the last block). Row order within a block is what `_matvec`'s four shifts give back."""
+    """q int8 (out, in) as 32-bit words (ceil(out/32), in, 8): byte k of lane l of block b holds row b*32 + k*8 + l
+    (zero rows pad the last block). Row order within a block is what `_matvec`'s four shifts give back.
+    The words are typed float32 (their bits are the int8 bytes, never used as floats): at::vec loads int32
+    vectors through a stack copy that stalls on store forwarding, float32 vectors directly."""
     out, d_in = q.shape
     padded = -(-out // BLOCK) * BLOCK
     if padded != out:
         q = torch.cat([q, q.new_zeros(padded - out, d_in)])
     b = q.reshape(padded // BLOCK, 4, 8, d_in).permute(0, 3, 2, 1).contiguous()  # (block, in, lane, byte)
-    return b.view(torch.int32).reshape(padded // BLOCK, d_in, 8)
+    return b.view(torch.float32).reshape(padded // BLOCK, d_in, 8)
 
 
 def _matvec(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (1, in) times the packed int8 matrix, times the scales, plus the bias: (1, out_padded). Written for
     inductor: one loop over the int32 words of each block, four accumulators, each word read once."""
-    xs = x.reshape(1, -1, 1)
+    xs, packed = x.reshape(1, -1, 1), packed.view(torch.int32)  # a bit cast after the load
     # (w << (24 - 8k)) >> 24 is byte k, sign-extended (arithmetic shift of int32)
     parts = [(xs * ((packed << (24 - 8 * k)) >> 24).float()).sum(1) for k in range(4)]  # each (blocks, 8)
     y = torch.stack(parts, 1).reshape(1, -1) * scale
     return y if bias is None else y + bias
 
 
-_compiled: Any = None
-_kernel_failed: str | None = None  # why the compiled kernel is not used (no C++ compiler, ...): dequantize instead
+_kernels: dict[tuple, Any] = {}  # one compiled kernel per (shapes, bias or not)
+_kernel_failed: str | None = None  # why compiled kernels are not used (no C++ compiler, ...): eager instead
 
 
 def matvec(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`_matvec` compiled (one specialisation per matrix shape), or eager where compiling failed."""
-    global _compiled, _kernel_failed
-    if torch.compiler.is_compiling():
-        return _matvec(x, packed, scale, bias)  # traced into the caller's graph
-    if _kernel_failed is not None:
-        return _matvec(x, packed, scale, bias)
-    if _compiled is None:
-        import torch._dynamo.config as dynamo_config
+    """`_matvec`, compiled by inductor once per matrix shape (eager where compiling failed).
 
-        # one specialisation per shape: a model has a handful (qkv, out, fc, proj, head), more for GLU or GQA
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-        _compiled = torch.compile(_matvec, dynamic=False, fullgraph=True)
-    try:
-        return _compiled(x, packed, scale, bias)
-    except Exception as e:  # noqa: BLE001 - no C++ compiler, or inductor failing: the same math, eager (slower)
-        _kernel_failed = f"{type(e).__name__}: {e}".splitlines()[0]
-        import warnings
+    The graph goes to inductor directly (traced by make_fx), not through torch.compile: a decode step makes
+    one call per matrix, and dynamo's guards and wrapper would cost about as much as a small product."""
+    global _kernel_failed
+    args = (x, packed, scale) if bias is None else (x, packed, scale, bias)
+    if torch.compiler.is_compiling() or _kernel_failed is not None:
+        return _matvec(*args)  # inside a compiled step: traced into the caller's graph
+    key = tuple((tuple(a.shape), a.dtype) for a in args)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        try:
+            from torch.fx.experimental.proxy_tensor import make_fx
 
-        warnings.warn(f"int8 kernel not compiled ({_kernel_failed}); decoding with the eager fallback", stacklevel=2)
-        return _matvec(x, packed, scale, bias)
+            graph = make_fx(lambda *a: _matvec(*a))(*args)
+            kernel = _kernels[key] = torch._inductor.compile(graph, list(args))
+        except Exception as e:  # noqa: BLE001 - no C++ compiler, or inductor failing: the same math, eager (slower)
+            _kernel_failed = f"{type(e).__name__}: {e}".splitlines()[0]
+            import warnings
+
+            warnings.warn(f"int8 kernel not compiled ({_kernel_failed}); decoding with the eager fallback",
+                          stacklevel=2)
+            return _matvec(*args)
+    return kernel(*args)
 
 
 class Int8Linear(nn.Module):
@@ -153,8 +160,11 @@ class Int8Linear(nn.Module):
         if not (self.use_kernel and rows <= MAX_KERNEL_ROWS and x.dtype == torch.float32):
             return F.linear(x, dequantize(self.weight, self.weight_scale, x.dtype), self.bias)
         flat = x.reshape(rows, self.in_features)
-        ys = [matvec(flat[r:r + 1], self.packed, self.padded_scale, self.padded_bias) for r in range(rows)]
-        y = ys[0] if rows == 1 else torch.cat(ys)
+        if rows == 1:
+            y = matvec(flat, self.packed, self.padded_scale, self.padded_bias)
+        else:
+            y = torch.cat([matvec(flat[r:r + 1], self.packed, self.padded_scale, self.padded_bias)
+                           for r in range(rows)])
         if y.size(1) != self.out_features:
             y = y[:, :self.out_features]
         return y.view(*x.shape[:-1], self.out_features)
