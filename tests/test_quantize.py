@@ -127,3 +127,12 @@ def test_tampered_quantized_checkpoint_is_one_error_line(decoder_dir, tmp_path, 
     assert r.exit_code != 0
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), r.output
+
+
+@pytest.mark.parametrize("extra", [[], ["--quantize", "int8"]])
+def test_exporting_an_int8_checkpoint_again_is_one_error_line(decoder_dir, tmp_path, extra):
+    out = tmp_path / "int8"
+    assert runner.invoke(app, ["export", str(decoder_dir), "--out", str(out), "--quantize", "int8"]).exit_code == 0
+    r = runner.invoke(app, ["export", str(out), "--out", str(tmp_path / "again")] + extra)
+    lines = r.output.strip().splitlines()
+    assert r.exit_code != 0 and len(lines) == 1 and "int8 weights" in lines[0], r.output

@@ -34,6 +34,7 @@ def export_command(
             path, note = resolve_checkpoint(checkpoint)
             if note:
                 print_note(note)
+            refuse_quantized(path, "transformers reads float weights only; export the float checkpoint")
             written, architecture = export_checkpoint(path, out)
     err_console.print(f"wrote {escape(str(written))} ({architecture})", highlight=False)
 
@@ -50,9 +51,17 @@ def export_quantized(checkpoint: str, out: Path, method: str) -> tuple[Path, str
         print_note(note)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
         raise TformerError(f"--out '{out}' exists and is not an empty directory or a checkpoint; give a new directory")
+    refuse_quantized(path, "it is already quantized")
     ckpt = load_checkpoint(path, device="cpu", dtype=None)
-    if "quantization" in ckpt.extra:
-        raise TformerError(f"checkpoint '{path}' is already quantized ({ckpt.extra['quantization']})")
     q.quantize_model(ckpt.model)
     written = q.save_quantized(ckpt.model, ckpt.config, ckpt.path, out, ckpt.extra)
     return written, f"{ckpt.config.arch}, {method} weights"
+
+
+def refuse_quantized(path: Path, why: str) -> None:
+    """One error line for a checkpoint `export --quantize` wrote (its weights are int8)."""
+    from tformer.checkpoint import read_config
+    from tformer.errors import TformerError
+
+    if path.is_dir() and "quantization" in read_config(path)[2]:
+        raise TformerError(f"checkpoint '{path}' has int8 weights: {why}")
