@@ -4,6 +4,8 @@ Sections (each prints what it measures: device, dtype, batch size, prompt and ge
   cpu    batch 1, fp32, GPT-2 124M shape, 16-token prompt, greedy: tokens/s of ours vs transformers (default cache)
   cache  our KV cache vs recomputing the whole sequence (--no-cache), at several generated lengths
   batch  throughput at batch 1, 8, 32 on the CPU, ours vs transformers
+  int8   batch 1, GPT-2 124M shape: fp32 vs --quantize int8 tokens/s, and fp32 decode steps/s against a plain read of
+         the weight matrices (bench_matvec.py's last row) measured between the trials
   gpu    (CUDA only) bf16 batch 1 with and without --compile vs transformers (GPT-2 124M); the GPT-2 XL shape's
          share of the measured copy bandwidth; batch 32 throughput
 
@@ -14,6 +16,7 @@ tokens (no <eos> stops either side); the greedy token ids are checked equal.
 
     python benchmarks/bench_generate.py                      # cpu, cache, batch
     python benchmarks/bench_generate.py --sections gpu       # on a machine with CUDA (--device, --dtype)
+    python benchmarks/bench_generate.py --sections int8      # int8 vs fp32 and fp32 vs the read bound (CPU)
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from tformer.checkpoint import gpt2_config_from_hf, gpt2_state_from_hf, load_state
+from tformer.generation import quantize
 from tformer.generation.config import GenerateConfig
 from tformer.generation.cpu_decoding import cpu_decoding_layout
 from tformer.generation.generate import generate
@@ -115,7 +119,7 @@ def compare(label: str, runs: dict[str, Callable[[], object]], n_tokens: int, tr
         if steady[name]:
             line += f"; decode steps alone {statistics.median(steady[name]):.1f} tok/s per row"
         print(line)
-    ids = [generated_ids(out) for out in outputs.values()]
+    ids = [generated_ids(out) for out in outputs.values() if out is not None]  # None: a run that is no decoding
     print(f"  greedy ids identical across runs: {all(i == ids[0] for i in ids)}")
     return medians
 
@@ -187,6 +191,51 @@ def section_batch(args) -> None:
         print(f"  ratio: {m['tformer'] / m['transformers generate']:.2f}x")
 
 
+def section_int8(args) -> None:
+    hf, ours = pair(transformers.GPT2Config(), "cpu", torch.float32)
+    cfg = gpt2_config_from_hf(hf.config.to_dict())
+    int8 = build_model(cfg)
+    load_state(int8, gpt2_state_from_hf(hf.state_dict(), cfg), where="random GPT-2")
+    del hf
+    cpu_decoding_layout(quantize.quantize_model(int8.eval()))  # as `tformer generate --quantize int8` loads it
+    tok = word_tokenizer(cfg.vocab_size)
+    prompts = prompts_for(tok, cfg.vocab_size, 1, PROMPT_LEN)
+    n = args.new_tokens
+    # The read bound: one plain sum over each weight matrix a step multiplies by (bench_matvec.py's last row).
+    mats = [p for name, p in ours.named_parameters() if p.dim() == 2 and "pos" not in name]
+    read_rates: list[float] = []
+
+    def plain_read() -> None:
+        for _ in range(3):
+            seconds, _ = timed(lambda: [w.sum() for w in mats], "cpu")
+            read_rates.append(1 / seconds)
+
+    runs = {"tformer fp32": ours_fn(ours, tok, prompts, n), "tformer int8": ours_fn(int8, tok, prompts, n)}
+    outs = {name: fn() for name, fn in runs.items()}  # warm-up (int8: compiles its kernels)
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    steady: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.trials):  # interleaved: the read bound, then each decode
+        plain_read()
+        for name, fn in runs.items():
+            seconds, outs[name] = timed(fn, "cpu")
+            rates[name].append(n / seconds)
+            steady[name].append(outs[name].timings.tokens_per_s)
+    print(f"\n[int8] GPT-2 124M shape, greedy, {where('cpu', torch.float32, 1, PROMPT_LEN, n)}")
+    m = {name: statistics.median(r) for name, r in rates.items()}
+    st = {name: statistics.median(r) for name, r in steady.items()}
+    for name in runs:
+        print(f"  {name:<14} {m[name]:7.1f} tok/s end to end (range {min(rates[name]):.1f}-{max(rates[name]):.1f}); "
+              f"decode steps alone {st[name]:.1f} steps/s  (median of {args.trials})")
+    fp32_ids, int8_ids = (generated_ids(o)[0] for o in outs.values())
+    same = sum(a == b for a, b in zip(fp32_ids, int8_ids))
+    read = statistics.median(read_rates)
+    print(f"  ratio int8 / fp32: {m['tformer int8'] / m['tformer fp32']:.2f}x end to end, "
+          f"{st['tformer int8'] / st['tformer fp32']:.2f}x decode steps (target >= 1.6); greedy ids equal: "
+          f"{same}/{len(fp32_ids)} (random weights: agreement means little)")
+    print(f"  plain read of the fp32 weights: {read:.1f} steps/s (median of {len(read_rates)}); fp32 decode steps "
+          f"{st['tformer fp32'] / read:.0%} of it (target >= 85%), end to end {m['tformer fp32'] / read:.0%}")
+
+
 def copy_bandwidth(device: str, size: int = 1 << 30) -> float:
     """Bytes read + written per second by a device-to-device copy of `size` bytes (median of 10)."""
     a = torch.empty(size, dtype=torch.uint8, device=device)
@@ -249,7 +298,8 @@ def section_gpu(args) -> None:
                       f"bandwidth {bw / 1e9:.0f} GB/s (read + written)  (target >= 60%)")
 
 
-SECTIONS = {"cpu": section_cpu, "cache": section_cache, "batch": section_batch, "gpu": section_gpu}
+SECTIONS = {"cpu": section_cpu, "cache": section_cache, "batch": section_batch, "gpu": section_gpu,
+            "int8": section_int8}
 
 
 def main() -> None:

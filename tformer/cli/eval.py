@@ -44,6 +44,9 @@ def eval_command(
     dtype: str = typer.Option("auto", help="auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16 or fp16 (or "
                               "float32, bfloat16, float16)."),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP, show_default=False),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: score the model with int8 weights, as "
+                                           "`generate --quantize int8` decodes with them (CPU only).",
+                                           show_default=False),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table."),
 ) -> None:
     """Score a decoder's next-token prediction on any text: loss (nats per token), perplexity, bits per byte
@@ -61,7 +64,7 @@ def eval_command(
         from tformer.evaluation import evaluate_text
         from tformer.generation.load import load
 
-        loaded = load(checkpoint, device=device, dtype=dtype)
+        loaded = load(checkpoint, device=device, dtype=dtype, quantize=quantize)
         if loaded.note:
             print_note(loaded.note)
         arch = loaded.config.arch

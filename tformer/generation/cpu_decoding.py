@@ -86,7 +86,8 @@ def cpu_decoding_layout(model: nn.Module, threads: int | None = None) -> nn.Modu
     """
     threads = torch.get_num_threads() if threads is None else threads
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    tied = getattr(model, "lm_head", True) is None  # the token embedding is the output projection
+    # the token embedding is the output projection (unless an int8 copy of it is: quantize.HEAD)
+    tied = getattr(model, "lm_head", True) is None and not hasattr(model, "output_int8")
     weights = [m.weight for m in linears] + ([model.embed.tok.weight] if tied else [])
     for w in weights:
         if w.is_contiguous():

@@ -11,7 +11,10 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from tformer.checkpoint import (
+    FORMAT,
+    Checkpoint,
     load_checkpoint,
+    read_config,
     resolve_checkpoint,
     stored_dtypes,
     weight_files,
@@ -37,20 +40,34 @@ class Loaded:
     extra_generation: dict | None = None  # a Hugging Face checkpoint's generation ids, as read
 
 
-def load(checkpoint: str | Path | None = None, device: str = "auto", dtype: str = "auto") -> Loaded:
+def load(checkpoint: str | Path | None = None, device: str = "auto", dtype: str = "auto",
+         quantize: str | None = None) -> Loaded:
     """Load the checkpoint `checkpoint` names (see `resolve_checkpoint`) and its tokenizer.json.
 
     device "auto" picks CUDA, then MPS, then the CPU; dtype "auto" is bf16 on a GPU that has it
-    (fp16 otherwise), fp32 on the CPU and MPS.
+    (fp16 otherwise), fp32 on the CPU and MPS. quantize "int8" gives the linear layers (and a tied
+    output projection) int8 weights, for decoding on the CPU; a checkpoint that `tformer export
+    --quantize int8` wrote is loaded so whatever `quantize` says.
     """
     from tformer.device import resolve_device, resolve_precision
+    from tformer.generation import quantize as q
 
+    q.check_method(quantize)
     torch_device = resolve_device(device)
     path, note = resolve_checkpoint(checkpoint)
-    if dtype == "auto" and torch_device.type == "cuda":
+    config, source, extra = read_config(path) if path.is_dir() else (None, None, {})  # a Hub name: loaded below
+    stored_int8 = "quantization" in extra and source == FORMAT
+    if dtype == "auto" and torch_device.type == "cuda" and not stored_int8:
         dtype = stored_half_dtype(path) or dtype  # bf16/fp16 weights stay in their dtype on a GPU
     precision = resolve_precision(dtype, torch_device)
-    ckpt = load_checkpoint(path, device=torch_device, dtype=precision.dtype)
+    if stored_int8 or quantize:
+        q.check_applies(torch_device, precision.dtype)
+    if stored_int8:
+        ckpt = Checkpoint(q.load_quantized(path, config, extra, torch_device), config, path, source, extra)
+    else:
+        ckpt = load_checkpoint(path, device=torch_device, dtype=precision.dtype)
+        if quantize:
+            q.quantize_model(ckpt.model)
     if ckpt.tokenizer_path is None:
         raise TformerError(f"checkpoint '{path}' has no tokenizer.json: its tokens cannot be turned into text")
     tokenizer = load_tokenizer(ckpt.tokenizer_path)

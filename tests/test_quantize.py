@@ -1,0 +1,138 @@
+"""int8 weights (tformer/generation/quantize.py): the numbers, the kernel, and the CLI paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from tformer.checkpoint import save_checkpoint
+from tformer.cli import app
+from tformer.data.tokenizer import char_tokenizer
+from tformer.generation import quantize as q
+from tformer.generation.load import load
+from tformer.model.transformer import build_model
+
+runner = CliRunner()
+ALPHABET = "abcdefgh \n"
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(tmp_path_factory) -> Path:
+    """A random tiny decoder (tied embeddings, biases) with a character tokenizer."""
+    torch.manual_seed(0)
+    tok = char_tokenizer(ALPHABET)
+    root = tmp_path_factory.mktemp("decoder")
+    cfg = tiny_config(vocab_size=tok.get_vocab_size())
+    save_checkpoint(root, build_model(cfg), cfg)
+    tok.save(str(root / "tokenizer.json"))
+    return root
+
+
+def test_round_trip_error_is_at_most_half_a_step():
+    w = torch.randn(40, 24) * torch.logspace(-3, 1, 40)[:, None]  # rows of very different sizes
+    w[3] = 0  # an all-zero row stays exact
+    qw, scale = q.quantize_weight(w)
+    assert qw.dtype == torch.int8 and scale.shape == (40,) and qw.abs().max() <= 127
+    err = (q.dequantize(qw, scale) - w).abs()
+    assert (err <= w.abs().amax(1, keepdim=True) / 254 * (1 + 1e-5) + 1e-12).all()
+    assert err[3].max() == 0
+
+
+@pytest.mark.parametrize("out, d_in", [(64, 48), (70, 33)])  # a whole number of blocks, and a padded one
+def test_packed_matvec_equals_the_dequantized_product(out, d_in):
+    w, x = torch.randn(out, d_in), torch.randn(1, d_in)
+    qw, scale = q.quantize_weight(w)
+    packed = q.pack(qw)
+    padded = F.pad(scale, (0, packed.size(0) * q.BLOCK - out))
+    got = q._matvec(x, packed, padded)[:, :out]  # the math the compiled kernel runs
+    torch.testing.assert_close(got, x @ q.dequantize(qw, scale).t(), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_linear_kernel_equals_a_naive_dequantized_matmul():
+    torch.manual_seed(1)
+    w, b = torch.randn(96, 64), torch.randn(96)
+    m = q.Int8Linear.from_weight(w, b)
+    m.use_kernel, m.packed = True, q.pack(m.weight)  # force the compiled kernel on a small matrix
+    m.padded_scale, m.padded_bias = m.weight_scale, b
+    naive = lambda x: x @ (m.weight.float() * m.weight_scale[:, None]).t() + b
+    for shape in [(1, 1, 64), (2, 1, 64), (3, 5, 64)]:  # one row (kernel), two rows (kernel twice), many (dequantize)
+        x = torch.randn(*shape)
+        torch.testing.assert_close(m(x), naive(x), rtol=1e-5, atol=1e-5)
+
+
+def test_generate_cli_with_int8(decoder_dir):
+    args = ["generate", "-c", str(decoder_dir), "-p", "abc", "-n", "8", "--temperature", "0", "--json"]
+    fp32 = runner.invoke(app, args)
+    int8 = runner.invoke(app, args + ["--quantize", "int8"])
+    assert fp32.exit_code == 0 and int8.exit_code == 0, int8.output
+    ids = [json.loads(r.stdout)["completions"][0]["token_ids"] for r in (fp32, int8)]
+    assert len(ids[1]) == 8
+
+
+def test_export_int8_then_load_equals_quantizing_at_load(decoder_dir, tmp_path):
+    out = tmp_path / "int8"
+    r = runner.invoke(app, ["export", str(decoder_dir), "--out", str(out), "--quantize", "int8"])
+    assert r.exit_code == 0, r.output
+    stored = load_file(str(out / "model.safetensors"))
+    assert any(t.dtype == torch.int8 for t in stored.values())
+    assert json.loads((out / "config.json").read_text())["quantization"]["method"] == "int8"
+    at_load, saved = load(decoder_dir, device="cpu", quantize="int8"), load(out, device="cpu")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(saved.model(ids).logits, at_load.model(ids).logits, rtol=0, atol=0)
+    ev = runner.invoke(app, ["eval", "-c", str(out), str(decoder_dir / "tokenizer.json"), "--json"])
+    assert ev.exit_code == 0, ev.output
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "export"])
+def test_bad_quantize_value_is_one_error_line(decoder_dir, tmp_path, command):
+    args = {"generate": ["generate", "-c", str(decoder_dir), "-p", "ab"],
+            "eval": ["eval", "-c", str(decoder_dir), str(decoder_dir / "tokenizer.json")],
+            "export": ["export", str(decoder_dir), "--out", str(tmp_path / "x")]}[command]
+    r = runner.invoke(app, args + ["--quantize", "int4"])
+    assert r.exit_code != 0
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "int8" in lines[0], r.output
+
+
+def test_int8_on_another_dtype_is_one_error_line(decoder_dir):
+    r = runner.invoke(app, ["generate", "-c", str(decoder_dir), "-p", "ab", "--quantize", "int8", "--dtype", "bf16"])
+    assert r.exit_code != 0 and r.output.strip().startswith("error:") and "float32" in r.output
+
+
+@pytest.mark.parametrize("tamper", ["scale_shape", "scale_dtype", "weight_dtype", "missing_scale"])
+def test_tampered_quantized_checkpoint_is_one_error_line(decoder_dir, tmp_path, tamper):
+    out = tmp_path / "int8"
+    assert runner.invoke(app, ["export", str(decoder_dir), "--out", str(out), "--quantize", "int8"]).exit_code == 0
+    tensors = load_file(str(out / "model.safetensors"))
+    scale = next(k for k in tensors if k.endswith("weight_scale"))
+    weight = scale.removesuffix("_scale")
+    if tamper == "scale_shape":
+        tensors[scale] = tensors[scale][:-1].clone()
+    elif tamper == "scale_dtype":
+        tensors[scale] = tensors[scale].to(torch.int8)
+    elif tamper == "weight_dtype":
+        tensors[weight] = tensors[weight].float()
+    else:
+        del tensors[scale]
+    save_file(tensors, str(out / "model.safetensors"))
+    r = runner.invoke(app, ["generate", "-c", str(out), "-p", "ab", "-n", "2"])
+    assert r.exit_code != 0
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
+
+
+@pytest.mark.parametrize("extra", [[], ["--quantize", "int8"]])
+def test_exporting_an_int8_checkpoint_again_is_one_error_line(decoder_dir, tmp_path, extra):
+    out = tmp_path / "int8"
+    assert runner.invoke(app, ["export", str(decoder_dir), "--out", str(out), "--quantize", "int8"]).exit_code == 0
+    r = runner.invoke(app, ["export", str(out), "--out", str(tmp_path / "again")] + extra)
+    lines = r.output.strip().splitlines()
+    assert r.exit_code != 0 and len(lines) == 1 and "int8 weights" in lines[0], r.output

@@ -1,0 +1,276 @@
+"""8-bit weights for decoding on the CPU: weight-only, symmetric, one scale per output channel.
+
+A batch-1 decode step reads every weight matrix once, so storing the weights in one byte instead of four
+cuts the bytes read per token by up to 4x. The activations stay float32: each product computes
+`x @ (q * scale).T` with q in int8 and scale in float32, one per output row.
+
+The product with one row needs a kernel that reads the int8 bytes once, at full vector width. Neither
+ATen's `_weight_int8pack_mm` nor inductor's code for `(x * q.float()).sum(-1)` does so on AVX2 (the
+latter loads eight int8 values at a time through a partial-vector copy, and walks the matrix by
+columns). So `pack` stores each block of 32 output rows as int32 words holding four int8 weights each,
+(out/32, in, 8), and `_matvec` unpacks a word with two shifts: inductor vectorises int32 shifts and
+int32-to-float conversion natively and walks the words in memory order, one block of rows per thread.
+(The words are stored as float32 bits: see `pack`.)
+
+Products with more rows (prefill, evaluation, large batches) dequantize the matrix and use F.linear.
+Only safetensors and JSON are read: `load_quantized` checks every name, shape and dtype first.
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tformer.errors import CheckpointError, TformerError
+
+METHODS = ("int8",)
+BLOCK = 32  # output rows per packed block: 8 int32 lanes (one AVX2 vector) x 4 bytes
+MIN_KERNEL_SIZE = 1 << 16  # smaller matrices stay in cache: dequantizing them costs less than compiling a kernel
+MAX_KERNEL_ROWS = 4  # the kernel reads the whole matrix once per row; above this, dequantize once instead
+SCALE_SUFFIX = "_scale"
+
+
+def check_method(method: str | None) -> str | None:
+    """`method` if it is one tformer knows (None: no quantization), else one error naming the allowed values."""
+    if method is None or method in METHODS:
+        return method
+    raise TformerError(f"--quantize {method!r} is not supported; allowed values: {', '.join(METHODS)}")
+
+
+def check_applies(device: torch.device, dtype: torch.dtype) -> None:
+    """int8 decoding is a CPU float32 path: say so for anything else."""
+    if device.type != "cpu":
+        raise TformerError(f"--quantize int8 runs on the CPU only (this run is on {device.type}); "
+                           "use --device cpu, or leave out --quantize on a GPU")
+    if dtype != torch.float32:
+        raise TformerError(f"--quantize int8 keeps the activations in float32; --dtype "
+                           f"{str(dtype).removeprefix('torch.')} does not apply (use --dtype fp32 or auto)")
+
+
+def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(q, scale): q int8 (out, in) in [-127, 127] and scale float32 (out,) with weight ~= q * scale[:, None].
+    Each element's error is at most scale / 2 = max|row| / 254."""
+    w = weight.detach().float().contiguous()
+    scale = w.abs().amax(dim=1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale is exact
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """q * scale[:, None] in `dtype` (one pass: the int8 operand is promoted inside the multiply)."""
+    return torch.mul(q, scale.to(dtype)[:, None])
+
+
+def pack(q: Tensor) -> Tensor:
+    """q int8 (out, in) as 32-bit words (ceil(out/32), in, 8): byte k of lane l of block b holds row b*32 + k*8 + l
+    (zero rows pad the last block). Row order within a block is what `_matvec`'s four shifts give back.
+    The words are typed float32 (their bits are the int8 bytes, never used as floats): at::vec loads int32
+    vectors through a stack copy that stalls on store forwarding, float32 vectors directly."""
+    out, d_in = q.shape
+    padded = -(-out // BLOCK) * BLOCK
+    if padded != out:
+        q = torch.cat([q, q.new_zeros(padded - out, d_in)])
+    b = q.reshape(padded // BLOCK, 4, 8, d_in).permute(0, 3, 2, 1).contiguous()  # (block, in, lane, byte)
+    return b.view(torch.float32).reshape(padded // BLOCK, d_in, 8)
+
+
+def _matvec(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (1, in) times the packed int8 matrix, times the scales, plus the bias: (1, out_padded). Written for
+    inductor: one loop over the int32 words of each block, four accumulators, each word read once."""
+    xs, packed = x.reshape(1, -1, 1), packed.view(torch.int32)  # a bit cast after the load
+    # (w << (24 - 8k)) >> 24 is byte k, sign-extended (arithmetic shift of int32)
+    parts = [(xs * ((packed << (24 - 8 * k)) >> 24).float()).sum(1) for k in range(4)]  # each (blocks, 8)
+    y = torch.stack(parts, 1).reshape(1, -1) * scale
+    return y if bias is None else y + bias
+
+
+_kernels: dict[tuple, Any] = {}  # one compiled kernel per (shapes, bias or not)
+_kernel_failed: str | None = None  # why compiled kernels are not used (no C++ compiler, ...): eager instead
+
+
+def matvec(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`_matvec`, compiled by inductor once per matrix shape (eager where compiling failed).
+
+    The graph goes to inductor directly (traced by make_fx), not through torch.compile: a decode step makes
+    one call per matrix, and dynamo's guards and wrapper would cost about as much as a small product."""
+    global _kernel_failed
+    args = (x, packed, scale) if bias is None else (x, packed, scale, bias)
+    if torch.compiler.is_compiling() or _kernel_failed is not None:
+        return _matvec(*args)  # inside a compiled step: traced into the caller's graph
+    key = tuple((tuple(a.shape), a.dtype) for a in args)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        try:
+            from torch.fx.experimental.proxy_tensor import make_fx
+
+            graph = make_fx(lambda *a: _matvec(*a))(*args)
+            kernel = _kernels[key] = torch._inductor.compile(graph, list(args))
+        except Exception as e:  # noqa: BLE001 - no C++ compiler, or inductor failing: the same math, eager (slower)
+            _kernel_failed = f"{type(e).__name__}: {e}".splitlines()[0]
+            import warnings
+
+            warnings.warn(f"int8 kernel not compiled ({_kernel_failed}); decoding with the eager fallback",
+                          stacklevel=2)
+            return _matvec(*args)
+    return kernel(*args)
+
+
+class Int8Linear(nn.Module):
+    """A Linear layer with int8 weights (buffer `weight`, (out, in)) and float32 scales (`weight_scale`, (out,)).
+
+    The state dict holds those two and the float bias; the packed copy the kernel reads is derived."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight" + SCALE_SUFFIX, torch.ones(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        self.register_buffer("packed", None, persistent=False)
+        self.use_kernel = False
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, bias: Tensor | None) -> Int8Linear:
+        """Quantize a float weight (out, in) (and keep the bias in float32)."""
+        m = cls(weight.size(1), weight.size(0), bias is not None, device="meta")
+        q, scale = quantize_weight(weight)
+        m.weight, m.weight_scale = q, scale
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().float().clone())
+        return m.prepare()
+
+    def prepare(self) -> Int8Linear:
+        """Build the packed copy the kernel reads (after the weights are loaded); returns self."""
+        self.use_kernel = self.weight.device.type == "cpu" and self.weight.numel() >= MIN_KERNEL_SIZE
+        if self.use_kernel:
+            self.packed = pack(self.weight)
+            pad = self.packed.size(0) * BLOCK - self.out_features
+            self.padded_scale = F.pad(self.weight_scale.float(), (0, pad))
+            self.padded_bias = None if self.bias is None else F.pad(self.bias.detach().float(), (0, pad))
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // self.in_features
+        if not (self.use_kernel and rows <= MAX_KERNEL_ROWS and x.dtype == torch.float32):
+            return F.linear(x, dequantize(self.weight, self.weight_scale, x.dtype), self.bias)
+        flat = x.reshape(rows, self.in_features)
+        if rows == 1:
+            y = matvec(flat, self.packed, self.padded_scale, self.padded_bias)
+        else:
+            y = torch.cat([matvec(flat[r:r + 1], self.packed, self.padded_scale, self.padded_bias)
+                           for r in range(rows)])
+        if y.size(1) != self.out_features:
+            y = y[:, :self.out_features]
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+HEAD = "output_int8"  # the tied output projection's int8 copy (the embedding itself stays float for lookups)
+
+
+def quantize_model(model: nn.Module, head: bool = True) -> nn.Module:
+    """Replace every nn.Linear of `model` by an Int8Linear, in place; with `head`, also give a tied output
+    projection (the token embedding reused) an int8 copy that `output_logits` uses. Returns the model."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and (head or child is not getattr(model, "lm_head", None)):
+                setattr(parent, name, Int8Linear.from_weight(child.weight, child.bias))
+    if head and getattr(model, "lm_head", True) is None:
+        tok = model.embed.tok.weight
+        setattr(model, HEAD, Int8Linear.from_weight(tok, None))
+        _use_int8_head(model)
+    return model
+
+
+def _use_int8_head(model: nn.Module) -> None:
+    model.output_logits = types.MethodType(lambda self, h: getattr(self, HEAD)(h), model)
+
+
+def _empty_int8(model: nn.Module, head: bool) -> None:
+    """The structure `quantize_model` gives, with empty int8 modules (on the meta device), for loading into."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and (head or child is not getattr(model, "lm_head", None)):
+                setattr(parent, name, Int8Linear(child.in_features, child.out_features, child.bias is not None,
+                                                 device="meta"))
+    if head and getattr(model, "lm_head", True) is None:
+        tok = model.embed.tok
+        setattr(model, HEAD, Int8Linear(tok.embedding_dim, tok.num_embeddings, False, device="meta"))
+        _use_int8_head(model)
+
+
+def quantization_section(model: nn.Module) -> dict[str, Any]:
+    """What config.json records of a model quantized by `quantize_model`."""
+    head = hasattr(model, HEAD) or isinstance(getattr(model, "lm_head", None), Int8Linear)
+    return {"method": "int8", "scheme": "weight-only, symmetric, per output channel", "head": head,
+            "scale_suffix": SCALE_SUFFIX}
+
+
+def save_quantized(model: nn.Module, config: Any, source_dir: Path, out: Path, extra: dict[str, Any]) -> Path:
+    """Write a quantized model as a tformer checkpoint directory: int8 weights and float32 scales in
+    model.safetensors, the `quantization` section in config.json, and the source's tokenizer.json."""
+    import shutil
+
+    from tformer.checkpoint import TOKENIZER_FILE, save_checkpoint
+
+    sections = {k: v for k, v in extra.items() if k in ("generation",)} | {"quantization": quantization_section(model)}
+    save_checkpoint(out, model, config, sections)
+    if (source_dir / TOKENIZER_FILE).is_file():
+        shutil.copyfile(source_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    return out
+
+
+def load_quantized(directory: Path, config: Any, extra: dict[str, Any], device: torch.device) -> nn.Module:
+    """The model of a checkpoint `save_quantized` wrote, on the CPU in float32 with int8 linear layers.
+    Every tensor's name, shape and dtype is checked against what the config makes before it is used."""
+    from tformer import limits
+    from tformer.checkpoint import WEIGHTS_FILE, load_state, read_safetensors
+    from tformer.checkpoint_checks import check_tensors
+    from tformer.model.transformer import build_model
+
+    section = extra.get("quantization")
+    where = directory / "config.json"
+    if not isinstance(section, dict) or section.get("method") not in METHODS:
+        method = section.get("method") if isinstance(section, dict) else section
+        raise CheckpointError(f"{where}: quantization method {method!r} is unknown; tformer reads: {', '.join(METHODS)}")
+    if not isinstance(section.get("head", False), bool):
+        raise CheckpointError(f"{where}: quantization.head must be true or false")
+    check_applies(device, torch.float32)
+    limits.check_memory(f"the model of '{directory}'", limits.parameter_count(config) * 6, device)
+    with torch.device("meta"):
+        model = build_model(config)
+    _empty_int8(model, section.get("head", False))
+    expected = {k: v for k, v in model.state_dict().items()}
+    tensors = read_safetensors(directory)
+    problems = [f"missing tensor '{k}'" for k in expected if k not in tensors]
+    problems += [f"unexpected tensor '{k}'" for k in tensors if k not in expected]
+    for name, t in tensors.items():
+        want = expected.get(name)
+        exact = want is not None and (want.dtype == torch.int8 or name.endswith(SCALE_SUFFIX))  # others: any float
+        if want is not None and (tuple(t.shape) != tuple(want.shape) or (exact and t.dtype != want.dtype)):
+            problems.append(f"tensor '{name}' is {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)} but the "
+                            f"config needs {str(want.dtype).removeprefix('torch.')} {tuple(want.shape)}")
+    if problems:
+        raise CheckpointError(f"{directory / WEIGHTS_FILE} does not match its quantized config: "
+                              + "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else ""))
+    check_tensors({k: v for k, v in tensors.items() if v.dtype != torch.int8}, str(directory))
+    scales = {k: v for k, v in tensors.items() if k.endswith(SCALE_SUFFIX)}
+    for name, s in scales.items():
+        if s.numel() and not bool((s > 0).all()):
+            raise CheckpointError(f"{directory}: scale tensor '{name}' must be positive")
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    load_state(model, tensors, where=str(directory / WEIGHTS_FILE), assign=True)
+    for module in model.modules():
+        if hasattr(module, "init_buffers"):
+            module.init_buffers(device="cpu")
+        if isinstance(module, Int8Linear):
+            module.prepare()
+    return model.eval()
