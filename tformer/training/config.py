@@ -152,13 +152,14 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # transduction tasks learned to exact match within minutes (benchmarks/bench_transduction.py). Characters
     # as tokens (a BPE vocabulary cuts digits and random letters into pieces the model must first learn to
     # spell); two layers a side, which take more steps in the same time than four and learn as much per step;
-    # no dropout or label smoothing, which slow the climb to exact match on noiseless data; the cosine follows
+    # no dropout or label smoothing, which slow the climb to exact match on noiseless data; Muon for the
+    # matrices, which reached a higher exact match than AdamW in the same minutes; the cosine follows
     # --time-budget (decay_to_budget), so a run cut by the budget still ends at the low rate.
     "transduction": dict(
         model="tiny", kind="char",
         model_overrides=dict(n_encoder_layers=2, n_decoder_layers=2, dropout=0.0),
-        train=dict(steps=3000, context=256, batch_size=64, lr=2e-3, warmup=50, label_smoothing=0.0,
-                   decay_to_budget=True, eval_every=500),
+        train=dict(steps=3000, context=256, batch_size=64, optimizer="muon", muon_lr=0.02, lr=2e-3, warmup=50,
+                   label_smoothing=0.0, decay_to_budget=True, eval_every=500),
     ),
 }
 DEFAULT_STEPS = 1000
