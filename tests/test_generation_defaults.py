@@ -116,7 +116,7 @@ def test_special_tokens_are_not_printed_unless_asked(tmp_path):
 
 
 def copy_task_model() -> tuple[Seq2Seq, Tokenizer, list[str]]:
-    """A tiny encoder-decoder trained in a few seconds to copy digit strings."""
+    """A tiny encoder-decoder trained in about ten seconds to copy digit strings."""
     tok = char_tokenizer(DIGITS)
     cfg = tiny_config(arch="encoder-decoder", vocab_size=tok.get_vocab_size(), max_seq_len=16, d_model=48,
                       n_heads=4, d_ff=96, norm_placement="pre", pos_encoding="learned")
@@ -136,7 +136,7 @@ def copy_task_model() -> tuple[Seq2Seq, Tokenizer, list[str]]:
             tgt[i, :len(s) + 2] = torch.cat([torch.tensor([BOS]), s, torch.tensor([EOS])])
         return src, src != PAD, tgt
 
-    for _ in range(150):
+    for _ in range(300):  # well trained (as the issue's model), so that greedy is near the top on any CPU's numerics
         src, mask, tgt = batch(32)
         logits = model(src, tgt[:, :-1], mask, tgt[:, :-1] != PAD).logits
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt[:, 1:].reshape(-1), ignore_index=PAD)
