@@ -54,16 +54,8 @@ def tformer_step(args):
     train_cfg = TrainConfig(lr=1e-3, beta2=0.99, weight_decay=0.1, clip=1.0, optimizer=args.optimizer)
     opt = make_optimizer(model, train_cfg, torch.device("cpu"))
     forward = torch.compile(model) if args.compile else model
-
-    def step(x, y):
-        loss = loss_fn(forward(x).logits, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return model, step
+    # as tformer's loop: foreach norms for the clipping
+    return training_step(model, opt, lambda x, y: loss_fn(forward(x).logits, y), clip_foreach=True)
 
 
 def nanogpt_step(args, module):
@@ -71,16 +63,8 @@ def nanogpt_step(args, module):
                             n_embd=args.d_model, dropout=0.0, bias=False)
     model = module.GPT(conf).train()
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
-
-    def step(x, y):  # nanoGPT's train.py, without gradient accumulation and the (disabled) scaler
-        _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return model, step
+    # nanoGPT's train.py, without gradient accumulation and the (disabled) scaler: the model computes the loss
+    return training_step(model, opt, lambda x, y: model(x, y)[1])
 
 
 def transformers_step(args):
@@ -92,16 +76,25 @@ def transformers_step(args):
     model = transformers.GPT2LMHeadModel(hf_cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
 
-    def step(x, y):
+    def loss_of(x, y):
         logits = model(x).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+
+    return training_step(model, opt, loss_of)
+
+
+def training_step(model, opt, loss_of, clip_foreach: bool | None = None):
+    """One step as each trainer runs it: the loss, backward, clipping at 1.0, the optimizer step."""
+
+    def step(x, y):
+        loss = loss_of(x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=clip_foreach)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
-    return model, step
+    return step
 
 
 def tokens_per_s(step, batches, warmup: int) -> float:
@@ -156,7 +149,7 @@ def main() -> None:
     batches = [(torch.randint(args.vocab, (args.batch, args.context), generator=g),
                 torch.randint(args.vocab, (args.batch, args.context), generator=g))
                for _ in range(args.steps + args.warmup)]
-    _, ours = tformer_step(args)
+    ours = tformer_step(args)
     if args.profile:
         profile(ours, batches)
         return
@@ -167,9 +160,9 @@ def main() -> None:
         print(f"tformer compile (first two steps): {time.perf_counter() - start:.1f} s")
     steps = {"tformer": ours}
     if args.nanogpt:
-        steps["nanoGPT"] = nanogpt_step(args, load_nanogpt(args.nanogpt))[1]
+        steps["nanoGPT"] = nanogpt_step(args, load_nanogpt(args.nanogpt))
     if not args.no_transformers:
-        steps["transformers"] = transformers_step(args)[1]
+        steps["transformers"] = transformers_step(args)
     results = {name: [] for name in steps}
     for _ in range(args.trials):  # interleaved
         for name, step in steps.items():

@@ -179,32 +179,26 @@ HEAD = "output_int8"  # the tied output projection's int8 copy (the embedding it
 def quantize_model(model: nn.Module, head: bool = True) -> nn.Module:
     """Replace every nn.Linear of `model` by an Int8Linear, in place; with `head`, also give a tied output
     projection (the token embedding reused) an int8 copy that `output_logits` uses. Returns the model."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and (head or child is not getattr(model, "lm_head", None)):
-                setattr(parent, name, Int8Linear.from_weight(child.weight, child.bias))
-    if head and getattr(model, "lm_head", True) is None:
-        tok = model.embed.tok.weight
-        setattr(model, HEAD, Int8Linear.from_weight(tok, None))
-        _use_int8_head(model)
+    _swap_linears(model, head, lambda weight, bias: Int8Linear.from_weight(weight, bias))
     return model
-
-
-def _use_int8_head(model: nn.Module) -> None:
-    model.output_logits = types.MethodType(lambda self, h: getattr(self, HEAD)(h), model)
 
 
 def _empty_int8(model: nn.Module, head: bool) -> None:
     """The structure `quantize_model` gives, with empty int8 modules (on the meta device), for loading into."""
+    _swap_linears(model, head, lambda weight, bias: Int8Linear(weight.size(1), weight.size(0), bias is not None,
+                                                               device="meta"))
+
+
+def _swap_linears(model: nn.Module, head: bool, make: Any) -> None:
+    """Replace every nn.Linear (but an untied head, without `head`) by `make(weight, bias)`, in place; with `head`,
+    give a tied output projection an int8 copy `make(token embedding, None)` that `output_logits` uses."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and (head or child is not getattr(model, "lm_head", None)):
-                setattr(parent, name, Int8Linear(child.in_features, child.out_features, child.bias is not None,
-                                                 device="meta"))
+                setattr(parent, name, make(child.weight, child.bias))
     if head and getattr(model, "lm_head", True) is None:
-        tok = model.embed.tok
-        setattr(model, HEAD, Int8Linear(tok.embedding_dim, tok.num_embeddings, False, device="meta"))
-        _use_int8_head(model)
+        setattr(model, HEAD, make(model.embed.tok.weight, None))
+        model.output_logits = types.MethodType(lambda self, h: getattr(self, HEAD)(h), model)
 
 
 def quantization_section(model: nn.Module) -> dict[str, Any]:
@@ -248,7 +242,7 @@ def load_quantized(directory: Path, config: Any, extra: dict[str, Any], device: 
     with torch.device("meta"):
         model = build_model(config)
     _empty_int8(model, section.get("head", False))
-    expected = {k: v for k, v in model.state_dict().items()}
+    expected = dict(model.state_dict())
     tensors = read_safetensors(directory)
     problems = [f"missing tensor '{k}'" for k in expected if k not in tensors]
     problems += [f"unexpected tensor '{k}'" for k in tensors if k not in expected]

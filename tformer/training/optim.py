@@ -68,8 +68,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in named if cfg.optimizer == "muon" and _hidden_matrix(n, p)]
     hidden_ids = {id(p) for p in hidden}
-    decay = [p for n, p in named if id(p) not in hidden_ids and p.dim() >= 2 and not _is_embedding(n)]
-    no_decay = [p for n, p in named if id(p) not in hidden_ids and not (p.dim() >= 2 and not _is_embedding(n))]
+    decay, no_decay = [], []
+    for n, p in named:
+        if id(p) not in hidden_ids:
+            (decay if p.dim() >= 2 and not _is_embedding(n) else no_decay).append(p)
     fused = device.type in ("cpu", "cuda") and _plain_tensors([p for _, p in named])
     adamw_groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
                                 {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
