@@ -26,6 +26,7 @@ import atexit
 import inspect
 import os
 import re
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -176,10 +177,20 @@ def process_group() -> Iterator[None]:
     except BaseException as e:
         _leave_at_exit()
         if world_size() > 1 and isinstance(e, Exception) and _is_collective_failure(e):
+            _ignore_sigterm()
             raise DistributedError(
                 f"rank {rank()} lost contact with the other ranks ({_first_line(e)}); the run stopped and the "
                 f"last checkpoint is kept: continue with --resume auto") from None
         raise
+
+
+def _ignore_sigterm() -> None:
+    # A peer's death makes torchrun SIGTERM the surviving ranks; this rank is already ending with its one-line
+    # report, which the default action of that signal (once the loop's stop handler is gone) would cut short.
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:
+        pass  # not the main thread: signals cannot be set here
 
 
 def _leave_at_exit() -> None:
