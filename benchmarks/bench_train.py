@@ -42,7 +42,9 @@ def load_nanogpt(path: str):
 def tformer_step(args):
     from tformer.config import ModelConfig
     from tformer.model.transformer import DecoderLM
+    from tformer.device import resolve_precision
     from tformer.training.config import TrainConfig
+    from tformer.training.cpu_parallel import CPUDataParallel, auto_processes
     from tformer.training.objectives import loss_fn
     from tformer.training.optim import make_optimizer
 
@@ -54,8 +56,19 @@ def tformer_step(args):
     train_cfg = TrainConfig(lr=1e-3, beta2=0.99, weight_decay=0.1, clip=1.0, optimizer=args.optimizer)
     opt = make_optimizer(model, train_cfg, torch.device("cpu"))
     forward = torch.compile(model) if args.compile else model
+    threads = torch.get_num_threads()
+    processes = args.processes or (1 if args.compile else auto_processes(threads, args.batch))
+    if processes > 1:  # as tformer's loop: the rows shared out among processes of one thread each
+        parallel = CPUDataParallel(model, "decoder", processes, 0.0, resolve_precision("fp32", torch.device("cpu")))
+        torch.set_num_threads(threads)  # the other programs' steps keep theirs; ours is set per trial
+        loss_of = lambda x, y: parallel.forward_backward({"idx": x, "labels": y}, 1.0)  # noqa: E731
+    else:
+        loss_of = lambda x, y: loss_fn(forward(x).logits, y)  # noqa: E731
     # as tformer's loop: foreach norms for the clipping
-    return training_step(model, opt, lambda x, y: loss_fn(forward(x).logits, y), clip_foreach=True)
+    step = training_step(model, opt, loss_of, clip_foreach=True, backward=processes == 1)
+    step.threads = max(1, threads // processes)
+    step.processes = processes
+    return step
 
 
 def nanogpt_step(args, module):
@@ -83,12 +96,14 @@ def transformers_step(args):
     return training_step(model, opt, loss_of)
 
 
-def training_step(model, opt, loss_of, clip_foreach: bool | None = None):
-    """One step as each trainer runs it: the loss, backward, clipping at 1.0, the optimizer step."""
+def training_step(model, opt, loss_of, clip_foreach: bool | None = None, backward: bool = True):
+    """One step as each trainer runs it: the loss, backward (unless `loss_of` did it), clipping at 1.0, the
+    optimizer step."""
 
     def step(x, y):
         loss = loss_of(x, y)
-        loss.backward()
+        if backward:
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=clip_foreach)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -98,6 +113,15 @@ def training_step(model, opt, loss_of, clip_foreach: bool | None = None):
 
 
 def tokens_per_s(step, batches, warmup: int) -> float:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(getattr(step, "threads", threads))
+    try:
+        return _tokens_per_s(step, batches, warmup)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _tokens_per_s(step, batches, warmup: int) -> float:
     for x, y in batches[:warmup]:
         step(x, y)
     start = time.perf_counter()
@@ -110,6 +134,7 @@ def tokens_per_s(step, batches, warmup: int) -> float:
 def profile(step, batches) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
+    torch.set_num_threads(getattr(step, "threads", torch.get_num_threads()))
     for x, y in batches[:5]:
         step(x, y)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -142,6 +167,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=65)
     p.add_argument("--optimizer", default="adamw", help="tformer's --optimizer (adamw or muon)")
     p.add_argument("--compile", action="store_true", help="tformer's model under torch.compile (time reported apart)")
+    p.add_argument("--processes", type=int, default=None,
+                   help="tformer's --processes (default: as tformer train, one per thread)")
     p.add_argument("--profile", action="store_true", help="profile tformer's step and stop")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -173,7 +200,8 @@ def main() -> None:
           f"load average {load:.2f}")
     print(f"shape: {args.layers} layers, {args.heads} heads, d_model {args.d_model}, context {args.context}, "
           f"batch {args.batch}, vocab {args.vocab}; {args.steps} timed steps x {args.trials} trials; "
-          f"tformer: {args.optimizer}{', compiled' if args.compile else ''}")
+          f"tformer: {args.optimizer}{', compiled' if args.compile else ''}, "
+          f"{ours.processes} process{'es' if ours.processes > 1 else ''} x {ours.threads} thread(s)")
     for name, v in results.items():
         print(f"{name:>13}: {med[name]:>9,.0f} tokens/s (trials: {', '.join(f'{x:,.0f}' for x in v)})")
     for ref in ("nanoGPT", "transformers"):

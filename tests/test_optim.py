@@ -61,6 +61,14 @@ def test_orthogonalize_approximates_u_v_transpose():
         assert ((u @ vh) * o).sum() / (o.norm() * (u @ vh).norm()) > 0.97
 
 
+def test_a_stack_of_matrices_is_orthogonalized_as_each_alone():
+    stack = torch.randn(3, 24, 80, generator=torch.Generator().manual_seed(2))
+    for s in (stack, stack.mT):  # wide and tall
+        together = orthogonalize(s)
+        for i in range(3):
+            torch.testing.assert_close(together[i], orthogonalize(s[i]), rtol=1e-4, atol=1e-5)
+
+
 def test_muon_step_is_the_hand_computation_and_the_rest_is_adamw():
     model = tiny_model()
     cfg = TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.05, weight_decay=0.1)

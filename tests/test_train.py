@@ -200,16 +200,17 @@ def test_encoder_decoder_trains_on_tsv_pairs(tmp_path):
     assert evals[-1]["val_bleu"] == pytest.approx(expected, abs=1e-9)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_resume_continues_bit_for_bit(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer, processes", [("adamw", 1), ("muon", 2)])
+def test_resume_continues_bit_for_bit(tmp_path, optimizer, processes):
     """A run stopped at step k and resumed logs the same losses as one that was never stopped (with Muon too:
-    its momentum is saved and restored by parameter name)."""
+    its momentum is saved and restored by parameter name; with the batch shared by two processes too: their
+    dropout seeds come from the main process's saved generator)."""
     from tformer.training.loop import StopFlag, train
     from tformer.training.plan import plan_run
 
     corpus = write_corpus(tmp_path / "corpus.txt")
     options = dict(d_model=32, layers=1, heads=2, d_ff=64, context=32, batch_size=4, steps=30, log_every=3,
-                   eval_every=10, eval_batches=2, dropout=0.1, warmup=3, optimizer=optimizer)
+                   eval_every=10, eval_batches=2, dropout=0.1, warmup=3, optimizer=optimizer, processes=processes)
 
     def run(out: Path, stop_at: int | None = None, resume: str | None = None):
         plan = plan_run([corpus], options, out=out, kind="char", resume=resume)
@@ -312,7 +313,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
 
     monkeypatch.setattr(core, "loss_fn", poisoned)
     result = runner.invoke(app, ["train", str(corpus), "--out", str(out), "--steps", "40", "--save-every", "10",
-                                 "--log-every", "5", "--eval-every", "100", *TINY])
+                                 "--log-every", "5", "--eval-every", "100", "--processes", "1", *TINY])
     assert "NaN" in one_line_error(result)
     state = json.loads((out / "latest" / "trainer_state.json").read_text())
     assert state["step"] == 10

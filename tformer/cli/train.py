@@ -131,6 +131,9 @@ def train_command(
     fsdp: Optional[bool] = _opt("", "--fsdp/--no-fsdp", help="Under torchrun: shard parameters, gradients and "
                                 "optimizer state with FSDP2 instead of DDP.", panel=DEVICE, default="no-fsdp"),
     threads: Optional[int] = _opt("N", help=THREADS_HELP, panel=DEVICE, default="one per core"),
+    processes: Optional[int] = _opt("N", help="CPU: split each batch's rows over N processes of one thread each, "
+                                    "sharing the weights (faster than threads for small models); 1 turns it off.",
+                                    panel=DEVICE, default="one per thread on the CPU"),
 ) -> None:
     """Train a model on your text (decoder: causal LM; encoder: masked LM; encoder-decoder: pairs or denoising)."""
     from tformer.training import distributed
@@ -145,7 +148,8 @@ def train_command(
                    optimizer=optimizer, muon_lr=muon_lr, warmup=warmup, schedule=schedule,
                    weight_decay=weight_decay, dropout=dropout, clip=clip, label_smoothing=label_smoothing, seed=seed,
                    device=device, dtype=dtype, compile=compile, eval_every=eval_every, eval_batches=eval_batches,
-                   save_every=save_every, log_every=log_every, preset=preset, fsdp=fsdp)
+                   save_every=save_every, log_every=log_every, preset=preset, fsdp=fsdp,
+                   processes=processes)
     # distributed: under torchrun, join the process group; rank 0 alone prints and prepares the data first
     with user_errors(), distributed.process_group():
         view = TrainView(quiet or not distributed.is_main())

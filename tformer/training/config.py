@@ -17,6 +17,7 @@ from tformer.config import (
 from tformer.errors import ConfigError
 from tformer.limits import SEED_MAX, check_int
 
+MAX_PROCESSES = 256
 MAX_COUNT = 2**40  # steps, batch sizes, intervals: far beyond any run, and safe in every counter
 
 # -- training -----------------------------------------------------------------------------------
@@ -58,6 +59,9 @@ class TrainConfig:
     dtype: str = "auto"
     compile: bool = False
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of DDP (tformer/distributed.py)
+    # CPU: processes of one thread each that share every micro-batch's rows (training/cpu_parallel.py);
+    # None: one per thread when training on the CPU in one process without compile; 1: intra-op threads
+    processes: int | None = None
     eval_every: int = 250
     eval_batches: int = 20  # 0 means the whole validation split
     save_every: int = 500
@@ -74,6 +78,9 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "context", "eval_every", "save_every", "log_every"):
             _positive_int(name, getattr(self, name))
             check_int(name, getattr(self, name), 1, MAX_COUNT)
+        if self.processes is not None:
+            _positive_int("processes", self.processes)
+            check_int("processes", self.processes, 1, MAX_PROCESSES)
         if self.steps is not None:
             _positive_int("steps", self.steps)
             check_int("steps", self.steps, 1, MAX_COUNT)

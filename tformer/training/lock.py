@@ -17,6 +17,19 @@ from types import TracebackType
 from tformer.errors import TformerError
 
 LOCK_FILE = ".lock"
+_HELD: set[int] = set()  # descriptors of the locks this process holds
+
+
+def close_inherited_locks() -> None:
+    """In a forked child: close the locks' descriptors it inherited. A flock belongs to the open file, which
+    the child shares, so a child outliving its parent (a training helper finishing its share after a kill -9)
+    would otherwise keep the run locked."""
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
 
 
 class RunLock:
@@ -55,6 +68,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode() + b"\n")
         self.fd = fd
+        _HELD.add(fd)
         return self
 
     def release(self) -> None:
@@ -64,6 +78,7 @@ class RunLock:
                 self.path.unlink()
             except OSError:
                 pass
+            _HELD.discard(self.fd)
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = None
 

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from tformer.files import atomic_directory
 from tformer.model.transformer import build_model
 from tformer.training import distributed
 from tformer.training.config import TrainConfig
+from tformer.training.cpu_parallel import CPUDataParallel, auto_processes, can_fork
 from tformer.training.evaluate import (
     BLEU_SAMPLE,
     corpus_bleu,
@@ -186,6 +187,20 @@ class _Run:
         self.token_flops = flops_per_token(self.n_params, layers, model_cfg.d_model, cfg.context)
         self.smoothing = cfg.label_smoothing if self.arch == "encoder-decoder" else 0.0
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.processes = self._processes()
+        self.parallel: CPUDataParallel | None = None  # forked in run(), once the model is final
+
+    def _processes(self) -> int:
+        """How many CPU processes share each micro-batch (1: this one alone, with intra-op threads)."""
+        cfg = self.cfg
+        eligible = (self.device.type == "cpu" and self.world == 1 and not cfg.compile
+                    and not self.precision.needs_scaler and can_fork())
+        if cfg.processes is None:
+            return auto_processes(torch.get_num_threads(), cfg.batch_size) if eligible else 1
+        if cfg.processes > 1 and not eligible:
+            raise TformerError(f"--processes {cfg.processes} needs training on the CPU, in one process (not under "
+                               "torchrun), without --compile or fp16, on a system that can fork; use --processes 1")
+        return cfg.processes
 
     def _bleu_enabled(self) -> bool:
         pairs = self.data.objective == "pairs"
@@ -198,11 +213,25 @@ class _Run:
         return bleu
 
     def run(self) -> TrainResult:
-        cfg, state = self.cfg, self.state
-        self.emit("start", {"total_steps": self.total_steps, "step": state.step, "dtype": self.precision.name,
-                            "device": str(self.device) + distributed.describe(self.model),  # e.g. " x 8 ranks (DDP)"
-                            "parameters": self.n_params, "out": str(self.out), "threads": torch.get_num_threads()})
         self.compiled.train()
+        threads = torch.get_num_threads()
+        if self.processes > 1:
+            threads = max(1, threads // self.processes)
+            self.parallel = CPUDataParallel(self.model, self.arch, self.processes, self.smoothing, self.precision,
+                                            threads)
+        try:
+            return self._run(threads)
+        finally:
+            if self.parallel is not None:
+                self.parallel.close()
+
+    def _run(self, threads: int) -> TrainResult:
+        cfg, state = self.cfg, self.state
+        where = str(self.device) + distributed.describe(self.model)  # e.g. " x 8 ranks (DDP)"
+        if self.parallel is not None:
+            where += f" x {self.parallel.processes} processes"
+        self.emit("start", {"total_steps": self.total_steps, "step": state.step, "dtype": self.precision.name,
+                            "device": where, "parameters": self.n_params, "out": str(self.out), "threads": threads})
         self.invoked = time.perf_counter()  # --time-budget counts this command, not the runs before a resume
         self.started = self.invoked - state.elapsed
         # decay_to_budget: a resumed run spends the rest of the decay over its own budget
@@ -247,6 +276,9 @@ class _Run:
             step_tokens += sequence_tokens(host_batch) * self.world  # counted on the CPU copy: no GPU sync
             # pinned memory makes the copy truly asynchronous (from pageable memory it blocks the host)
             batch = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in host_batch.items()}
+            if self.parallel is not None:  # CPU: the rows are shared out among processes
+                step_loss += self.parallel.forward_backward(batch, 1 / cfg.grad_accum)
+                continue
             # distributed: gradients are reduced across ranks in the last micro-batch's backward only
             with distributed.micro_step(self.compiled, last=micro == cfg.grad_accum - 1):
                 with self.precision.autocast(device):
@@ -288,7 +320,8 @@ class _Run:
         if self.peak is not None:
             line["mfu"] = self.token_flops * line["tokens_per_s"] / self.peak
         if eval_now:
-            state.val = self.evaluate()
+            with self.parallel.full_threads() if self.parallel is not None else nullcontext():
+                state.val = self.evaluate()
             line.update(state.val)
             if state.val and (state.best_val_loss is None or state.val["val_loss"] < state.best_val_loss):
                 state.best_val_loss = state.val["val_loss"]

@@ -90,16 +90,18 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic of Jordan et al. (202
 
 def orthogonalize(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     """An approximation of U V^T for g = U S V^T by a quintic Newton-Schulz iteration (singular values end near 1,
-    not exactly 1, which is what Muon needs). Kept in g's dtype: fp32 on the CPU, where bf16 products are slow
-    on most x86 cores and would round differently on different ones."""
+    not exactly 1, which is what Muon needs); g may be a stack (n, rows, cols) of matrices of one shape, done in
+    batched products. Kept in g's dtype: fp32 on the CPU, where bf16 products are slow on most x86 cores and
+    would round differently on different ones."""
     a, b, c = NS_COEFFICIENTS
-    wide = g.size(0) <= g.size(1)
-    x = g if wide else g.T  # iterate on the side whose Gram matrix is smaller
-    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    wide = g.size(-2) <= g.size(-1)
+    x = g if wide else g.mT  # iterate on the side whose Gram matrix is smaller
+    x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral <= Frobenius <= 1
+    mm, addmm = (torch.matmul, torch.addmm) if x.dim() == 2 else (torch.bmm, torch.baddbmm)
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x if wide else x.T
+        gram = mm(x, x.mT)
+        x = addmm(x, addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x if wide else x.mT
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -142,14 +144,21 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon_step(self, group: dict[str, Any]) -> None:
         mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+        by_shape: dict[torch.Size, list[Tensor]] = {}  # matrices of one shape are orthogonalized as one stack
         for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.mul_(mu).add_(p.grad)
-            update = orthogonalize(p.grad.add(buf, alpha=mu), group["ns_steps"])
-            p.mul_(1 - lr * wd)
-            p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+            if p.grad is not None:
+                by_shape.setdefault(p.shape, []).append(p)
+        for shape, params in by_shape.items():
+            grads = [p.grad for p in params]
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads)
+            nesterov = torch.stack(grads).add_(torch.stack(bufs), alpha=mu)  # (n, rows, cols)
+            updates = orthogonalize(nesterov, group["ns_steps"]).unbind(0)
+            torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_add_(params, updates, alpha=-lr * max(1.0, shape[0] / shape[1]) ** 0.5)
