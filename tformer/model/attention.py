@@ -102,6 +102,15 @@ class MultiHeadAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, head_dim)
 
+    def _rotated_heads(self, qk: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Queries and keys (B, T, (H + H_kv) * hd) rotated by RoPE, as (B, H, T, hd) and (B, H_kv, T, hd)."""
+        B, T, _ = qk.shape
+        cos, sin = rope  # shaped for (B, H, T, hd): (T, hd) or (B, 1, T, hd); here heads come after T
+        cos, sin = (cos[:, None], sin[:, None]) if cos.dim() == 2 else (cos.transpose(1, 2), sin.transpose(1, 2))
+        qk = apply_rotary(qk.view(B, T, self.n_heads + self.n_kv_heads, self.head_dim), cos, sin)
+        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
+        return q.transpose(1, 2), k.transpose(1, 2)
+
     def project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of the encoder output for cross-attention, each (B, n_kv_heads, S, head_dim)."""
         k, v = self.kv_proj(memory).split(self.n_kv_heads * self.head_dim, dim=-1)
@@ -134,10 +143,13 @@ class MultiHeadAttention(nn.Module):
                 k, v = self.project_kv(memory)  # (B, H_kv, S, hd)
         else:
             q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
-            q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
-            if rope is not None:
-                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            qk, v = self.qkv_proj(x).split([q_dim + kv_dim, kv_dim], dim=-1)
+            if rope is not None:  # queries and keys rotated together, before the heads move ahead of T
+                q, k = self._rotated_heads(qk, rope)
+            else:
+                q, k = qk.split([q_dim, kv_dim], dim=-1)
+                q, k = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads)
+            v = self._heads(v, self.n_kv_heads)
             if self.cache is not None:
                 if input_pos is None:
                     raise ValueError("a cached forward pass needs input_pos, the cache slots of the new tokens")

@@ -89,6 +89,8 @@ class RotaryEmbedding(nn.Module):
 
     Each pair (x_i, x_{i + d/2}) of a query or key is rotated by the angle pos * theta_i,
     theta_i = base^(-2i/d), with the frequencies optionally rescaled for long contexts (`rope_frequencies`).
+    The tables are full width, cos = [cos, cos] and sin = [-sin, sin], so that a rotation is two products
+    and a roll (`apply_rotary`).
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0, scaling: dict | None = None):
@@ -102,14 +104,15 @@ class RotaryEmbedding(nn.Module):
         with torch.device(device) if device is not None else contextlib.nullcontext():
             inv_freq = rope_frequencies(self.head_dim, self.base, self.scaling)
             angles = torch.arange(self.max_seq_len, dtype=torch.float64)[:, None] * inv_freq  # (L, hd/2)
-            self.register_buffer("cos", angles.cos().float(), persistent=False)
-            self.register_buffer("sin", angles.sin().float(), persistent=False)
+            cos, sin = angles.cos().float(), angles.sin().float()
+            self.register_buffer("cos", torch.cat((cos, cos), dim=-1), persistent=False)  # (L, hd)
+            self.register_buffer("sin", torch.cat((-sin, sin), dim=-1), persistent=False)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos and sin at `positions` ((T,) or (B, T)), shaped to broadcast over (B, n_heads, T, head_dim/2)."""
-        cos, sin = self.cos[positions], self.sin[positions]  # (T, hd/2) or (B, T, hd/2)
+        """cos and sin at `positions` ((T,) or (B, T)), shaped to broadcast over (B, n_heads, T, head_dim)."""
+        cos, sin = self.cos[positions], self.sin[positions]  # (T, hd) or (B, T, hd)
         if positions.dim() == 2:
-            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd/2)
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
         return cos, sin
 
 
@@ -136,10 +139,10 @@ def rope_frequencies(head_dim: int, base: float, scaling: dict | None = None) ->
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (B, H, T, head_dim) by the angles whose cos/sin are given."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return rotated.type_as(x)
+    """Rotate x (..., head_dim) by the angles of RotaryEmbedding's tables: with x = [x1, x2], the result is
+    [x1 cos - x2 sin, x2 cos + x1 sin] = x [cos, cos] + [x2, x1] [-sin, sin], the roll giving [x2, x1]."""
+    xf = x.float()
+    return (xf * cos + xf.roll(x.size(-1) // 2, dims=-1) * sin).type_as(x)
 
 
 class FeedForward(nn.Module):
