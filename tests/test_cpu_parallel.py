@@ -169,3 +169,19 @@ def test_helpers_do_not_hold_the_run_lock(tmp_path):
                                                 for fd in os.listdir("/proc/self/fd")}
         finally:
             parallel.close()
+
+
+def test_shared_out_evaluation_equals_one_process():
+    from tformer.training.evaluate import evaluate
+
+    model = tiny("encoder-decoder", dropout=0.3)  # eval mode in every process: no dropout anywhere
+    batches = [batch_of("pairs") for _ in range(5)]  # 5 batches over 2 processes: a last round of one
+    alone = evaluate(model, "encoder-decoder", iter(batches), torch.device("cpu"), FP32)
+    parallel = CPUDataParallel(model, "encoder-decoder", 2, 0.0, FP32)
+    try:
+        shared = evaluate(model, "encoder-decoder", iter(batches), torch.device("cpu"), FP32, parallel)
+        assert model.training  # as it was
+    finally:
+        parallel.close()
+    assert shared["val_tokens"] == alone["val_tokens"] and shared["val_acc"] == alone["val_acc"]
+    assert shared["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-6)

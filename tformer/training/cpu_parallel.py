@@ -12,7 +12,8 @@ own process with one thread and a share of every micro-batch's rows, as DDP does
 - each share's loss is weighted by its count of labelled tokens, so the summed gradient is the gradient of
   the whole micro-batch's mean loss (up to the order of floating-point additions);
 - dropout in a helper draws from a seed the main process takes from its own generator, so a run is
-  reproducible and a resumed run continues exactly.
+  reproducible and a resumed run continues exactly;
+- evaluation shares out whole validation batches, the processes taking them in turns.
 
 Helpers are forked (no re-import, the model is already built), ignore Ctrl-C and SIGTERM (the main process
 stops the run and saves), and exit when the main process closes their pipe or dies.
@@ -30,9 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tformer.checkpoint import eval_mode
 from tformer.data.batches import IGNORE_INDEX
 from tformer.errors import TformerError
 from tformer.training.config import MAX_PROCESSES
+from tformer.training.evaluate import batch_totals
 from tformer.training.lock import close_inherited_locks
 from tformer.training.objectives import forward_logits, loss_fn
 
@@ -123,9 +126,30 @@ class CPUDataParallel:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
         for rank in busy:
-            loss += self._receive(rank)
+            loss += self._receive(rank)["loss"]
             torch._foreach_add_(grads, self.views[rank - 1])
         return loss
+
+    @torch.no_grad()
+    def evaluate(self, batches: Any) -> tuple[float, int, int]:
+        """(summed loss, correct predictions, labelled tokens) over `batches`, which the processes take in turns."""
+        totals = [0.0, 0, 0]
+        batches = iter(batches)
+        autocast = self.precision.autocast(torch.device("cpu"))
+        with eval_mode(self.model):
+            while True:
+                round_ = [b for _, b in zip(range(self.processes), batches)]
+                if not round_:
+                    break
+                for rank, batch in enumerate(round_[1:], start=1):
+                    self._send(rank, batch, 0.0, 0, mode="eval")
+                for i, value in enumerate(batch_totals(self.model, self.arch, round_[0], autocast)):
+                    totals[i] += value
+                for rank in range(1, len(round_)):
+                    reply = self._receive(rank)
+                    for i, key in enumerate(("loss", "correct", "tokens")):
+                        totals[i] += reply[key]
+        return totals[0], totals[1], totals[2]
 
     def full_threads(self):
         """A context in which this process has all the threads (evaluation runs here alone)."""
@@ -143,10 +167,10 @@ class CPUDataParallel:
         self.helpers = []
         torch.set_num_threads(self.threads_before)
 
-    def _send(self, rank: int, share: dict[str, Tensor], weight: float, seed: int) -> None:
+    def _send(self, rank: int, share: dict[str, Tensor], weight: float, seed: int, mode: str = "train") -> None:
         conn = self.helpers[rank - 1][1]
         names = list(share)
-        header = {"weight": weight, "seed": seed,
+        header = {"mode": mode, "weight": weight, "seed": seed,
                   "tensors": [[n, str(share[n].dtype).removeprefix("torch."), list(share[n].shape)] for n in names]}
         try:
             conn.send_bytes(json.dumps(header).encode())
@@ -155,7 +179,7 @@ class CPUDataParallel:
         except OSError:
             self._lost(rank)
 
-    def _receive(self, rank: int) -> float:
+    def _receive(self, rank: int) -> dict[str, Any]:
         process, conn = self.helpers[rank - 1]
         try:
             while not conn.poll(_POLL_S):
@@ -166,7 +190,7 @@ class CPUDataParallel:
             self._lost(rank)
         if "error" in reply:
             raise TformerError(f"training process {rank} failed: {reply['error']}")
-        return reply["loss"]
+        return reply
 
     def _lost(self, rank: int) -> None:
         process = self.helpers[rank - 1][0]
@@ -237,11 +261,17 @@ def _serve(parallel: CPUDataParallel, flat: Tensor, conn: Any) -> None:
         except (EOFError, OSError):
             return  # the main process closed the pipe (or is gone)
         try:
-            torch.manual_seed(header["seed"])
-            loss = _share_loss(parallel.model, parallel.arch, share, header["weight"], parallel.smoothing, autocast)
-            grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
-            torch.cat([g.reshape(-1) for g in grads], out=flat)
-            reply = {"loss": loss.item()}
+            if header["mode"] == "eval":
+                with torch.no_grad(), eval_mode(parallel.model):
+                    loss, correct, tokens = batch_totals(parallel.model, parallel.arch, share, autocast)
+                reply = {"loss": loss, "correct": correct, "tokens": tokens}
+            else:
+                torch.manual_seed(header["seed"])
+                loss = _share_loss(parallel.model, parallel.arch, share, header["weight"], parallel.smoothing,
+                                   autocast)
+                grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+                torch.cat([g.reshape(-1) for g in grads], out=flat)
+                reply = {"loss": loss.item()}
         except Exception as e:  # noqa: BLE001 - reported to the main process, which stops with one line
             last = traceback.extract_tb(e.__traceback__)[-1:]
             where = f" ({last[0].filename}:{last[0].lineno})" if last else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,22 +20,20 @@ from tformer.training.objectives import TrainData, forward_logits, loss_fn
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, arch: str, batches: Iterator[dict[str, Tensor]], device: torch.device, precision: Precision
+    model: nn.Module, arch: str, batches: Iterator[dict[str, Tensor]], device: torch.device, precision: Precision,
+    parallel: Any = None,
 ) -> dict[str, float]:
-    """Validation loss (no label smoothing), perplexity and token accuracy, weighted by labelled tokens."""
-    total_loss, total_correct, total_tokens = 0.0, 0, 0
-    with eval_mode(model):
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with precision.autocast(device):
-                logits = forward_logits(model, arch, batch)
-            labels = batch["labels"]
-            n = int((labels != IGNORE_INDEX).sum())
-            if n == 0:
-                continue
-            total_loss += loss_fn(logits, labels).item() * n
-            total_correct += int(((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum())
-            total_tokens += n
+    """Validation loss (no label smoothing), perplexity and token accuracy, weighted by labelled tokens.
+    With `parallel` (a CPUDataParallel), its processes take the batches in turns."""
+    if parallel is not None:
+        total_loss, total_correct, total_tokens = parallel.evaluate(batches)
+    else:
+        total_loss, total_correct, total_tokens = 0.0, 0, 0
+        with eval_mode(model):
+            for batch in batches:
+                loss, correct, n = batch_totals(model, arch, {k: v.to(device) for k, v in batch.items()},
+                                                precision.autocast(device))
+                total_loss, total_correct, total_tokens = total_loss + loss, total_correct + correct, total_tokens + n
     # distributed: each rank evaluated its share of the batches; add up the totals (no-op in one process)
     total_loss, total_correct, total_tokens = distributed.sum_over_ranks(total_loss, total_correct, total_tokens)
     if total_tokens == 0:
@@ -42,6 +41,18 @@ def evaluate(
     loss = total_loss / total_tokens
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_acc": total_correct / total_tokens,
             "val_tokens": total_tokens}
+
+
+def batch_totals(model: nn.Module, arch: str, batch: dict[str, Tensor], autocast: Any) -> tuple[float, int, int]:
+    """(summed loss, correct predictions, labelled tokens) of one batch, the model in eval mode."""
+    with autocast:
+        logits = forward_logits(model, arch, batch)
+    labels = batch["labels"]
+    n = int((labels != IGNORE_INDEX).sum())
+    if n == 0:
+        return 0.0, 0, 0
+    correct = int(((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum())
+    return loss_fn(logits, labels).item() * n, correct, n
 
 
 BLEU_SAMPLE = 100  # validation pairs translated at each evaluation of an encoder-decoder trained on pairs

@@ -320,8 +320,7 @@ class _Run:
         if self.peak is not None:
             line["mfu"] = self.token_flops * line["tokens_per_s"] / self.peak
         if eval_now:
-            with self.parallel.full_threads() if self.parallel is not None else nullcontext():
-                state.val = self.evaluate()
+            state.val = self.evaluate()
             line.update(state.val)
             if state.val and (state.best_val_loss is None or state.val["val_loss"] < state.best_val_loss):
                 state.best_val_loss = state.val["val_loss"]
@@ -335,9 +334,10 @@ class _Run:
         cfg = self.cfg
         val = eval_batches(self.data.split("val", cfg), cfg.context, cfg.batch_size, cfg.eval_batches, cfg.seed + 1)
         val = distributed.my_share(val)  # distributed: batch i on rank i % world_size
-        metrics = evaluate(self.compiled, self.arch, val, self.device, self.precision)
+        metrics = evaluate(self.compiled, self.arch, val, self.device, self.precision, self.parallel)
         if self.bleu and metrics:
-            hypotheses, references = translate_sample(self.model, self.data, BLEU_SAMPLE, cfg.context)
+            with self.parallel.full_threads() if self.parallel is not None else nullcontext():  # greedy decoding
+                hypotheses, references = translate_sample(self.model, self.data, BLEU_SAMPLE, cfg.context)
             if hypotheses:
                 metrics["val_bleu"] = corpus_bleu(hypotheses, references)
         return metrics
