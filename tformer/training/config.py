@@ -152,7 +152,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         model="tiny",
         model_overrides=dict(d_model=64, n_heads=2, n_kv_heads=2, n_decoder_layers=4, n_encoder_layers=4, d_ff=172,
                              pos_encoding="rope", norm="layernorm", activation="swiglu", dropout=0.0, bias=False),
-        train=dict(steps=450, context=64, batch_size=32, optimizer="muon", lr=4e-3, muon_lr=0.06, warmup=50,
+        train=dict(steps=450, context=64, batch_size=32, optimizer="muon", lr=4e-3, muon_lr=0.06, warmup=20,
                    min_lr_ratio=0.1, weight_decay=0.1, beta2=0.99, eval_every=450, log_every=25),
     ),
     # Encoder-decoder pairs (a .tsv of source<TAB>target) on a 2-core CPU, and the default for them: short
