@@ -185,3 +185,18 @@ def test_shared_out_evaluation_equals_one_process():
         parallel.close()
     assert shared["val_tokens"] == alone["val_tokens"] and shared["val_acc"] == alone["val_acc"]
     assert shared["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-6)
+
+
+def test_too_little_shared_memory_falls_back_to_threads_or_stops_with_one_line(tmp_path, monkeypatch):
+    """A full tmpfs kills the process that writes to it with SIGBUS: the need is checked before sharing."""
+    import tformer.training.cpu_parallel as cp
+
+    monkeypatch.setattr(cp, "shared_memory_free", lambda: 100_000)
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    auto = runner.invoke(app, ["train", str(corpus), "--out", str(tmp_path / "a"), "--steps", "2", "--threads", "2",
+                               *[a for a in TINY if a != "--quiet"]])
+    assert auto.exit_code == 0, auto.output
+    assert "shared memory" in auto.output and "x 2 processes" not in auto.output
+    explicit = runner.invoke(app, ["train", str(corpus), "--out", str(tmp_path / "e"), "--steps", "2",
+                                   "--processes", "2", *TINY])
+    assert "MiB of shared memory in /dev/shm" in one_line_error(explicit)

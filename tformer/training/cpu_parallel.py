@@ -51,6 +51,35 @@ def auto_processes(threads: int, batch_size: int) -> int:
     return max(1, min(threads, batch_size)) if can_fork() else 1
 
 
+SHM_DIR = "/dev/shm"  # where torch's shared CPU tensors live on Linux (a tmpfs, often small in containers)
+
+
+def shared_memory_needed(model: nn.Module, processes: int) -> int:
+    """Bytes of shared memory for `processes`: the parameters and buffers, and one gradient buffer per helper."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    grads = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    return params + buffers + (processes - 1) * grads
+
+
+def shared_memory_free() -> int | None:
+    """Free bytes in SHM_DIR (None: unknown). A tmpfs that fills up kills the writer with SIGBUS, not an error."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def shared_memory_shortfall(model: nn.Module, processes: int) -> str | None:
+    """Why `processes` would not fit in shared memory (None: it fits, or the free space is unknown)."""
+    need, free = shared_memory_needed(model, processes), shared_memory_free()
+    if free is None or need <= 0.9 * free:
+        return None
+    return (f"training in {processes} processes needs {need / 2**20:,.0f} MiB of shared memory in {SHM_DIR}, "
+            f"which has {free / 2**20:,.0f} MiB free")
+
+
 def _share_loss(model: nn.Module, arch: str, batch: dict[str, Tensor], weight: float, smoothing: float,
                 autocast: Any) -> Tensor:
     """This share's loss, weighted so that the shares' gradients add up to the micro-batch's."""
@@ -73,6 +102,8 @@ class CPUDataParallel:
         self.model, self.arch, self.smoothing, self.precision = model, arch, smoothing, precision
         self.params = [p for p in model.parameters() if p.requires_grad]
         numel = sum(p.numel() for p in self.params)
+        if (shortfall := shared_memory_shortfall(model, processes)) is not None:
+            raise TformerError(f"{shortfall}; use --processes 1 (or a larger {SHM_DIR}, e.g. docker --shm-size)")
         model.share_memory()  # in place: the optimizer keeps its references to the same Parameter objects
         self.threads_before = torch.get_num_threads()
         self.threads_each = threads_each

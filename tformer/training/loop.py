@@ -43,7 +43,12 @@ from tformer.files import atomic_directory
 from tformer.model.transformer import build_model
 from tformer.training import distributed
 from tformer.training.config import TrainConfig
-from tformer.training.cpu_parallel import CPUDataParallel, auto_processes, can_fork
+from tformer.training.cpu_parallel import (
+    CPUDataParallel,
+    auto_processes,
+    can_fork,
+    shared_memory_shortfall,
+)
 from tformer.training.evaluate import (
     BLEU_SAMPLE,
     corpus_bleu,
@@ -215,6 +220,10 @@ class _Run:
     def run(self) -> TrainResult:
         self.compiled.train()
         threads = torch.get_num_threads()
+        if self.processes > 1 and self.cfg.processes is None \
+                and (shortfall := shared_memory_shortfall(self.model, self.processes)) is not None:
+            self.emit("notice", {"message": f"{shortfall}: training in one process with {threads} threads"})
+            self.processes = 1
         if self.processes > 1:
             threads = max(1, threads // self.processes)
             self.parallel = CPUDataParallel(self.model, self.arch, self.processes, self.smoothing, self.precision,
