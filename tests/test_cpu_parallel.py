@@ -145,7 +145,7 @@ def test_cli_trains_with_processes_and_checks_the_option(tmp_path):
     ok = runner.invoke(app, ["train", str(corpus), "--out", str(out), "--steps", "4", "--processes", "2",
                              *[a for a in TINY if a != "--quiet"]])
     assert ok.exit_code == 0, ok.output
-    assert "x 2 processes" in ok.output
+    assert "x 2 processes (fp32, 1 thread each)" in ok.output
     zero = runner.invoke(app, ["train", str(corpus), "--out", str(tmp_path / "z"), "--processes", "0", *TINY])
     assert "processes" in one_line_error(zero)
     compiled = runner.invoke(app, ["train", str(corpus), "--out", str(tmp_path / "c"), "--processes", "2",

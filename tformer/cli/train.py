@@ -133,7 +133,7 @@ def train_command(
     threads: Optional[int] = _opt("N", help=THREADS_HELP, panel=DEVICE, default="one per core"),
     processes: Optional[int] = _opt("N", help="CPU: split each batch's rows over N processes of one thread each, "
                                     "sharing the weights (faster than threads for small models); 1 turns it off.",
-                                    panel=DEVICE, default="one per thread on the CPU"),
+                                    panel=DEVICE, default="one per thread on a Linux CPU"),
 ) -> None:
     """Train a model on your text (decoder: causal LM; encoder: masked LM; encoder-decoder: pairs or denoising)."""
     from tformer.training import distributed

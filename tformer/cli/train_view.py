@@ -119,6 +119,8 @@ class TrainView:
             self.info = info
             n = info.get("threads")
             threads = f", {n} thread{'s' if n != 1 else ''}" if n else ""
+            if n and info.get("processes", 1) > 1:
+                threads += " each"
             self._line(f"training {info['parameters']:,} parameters on {info['device']} ({info['dtype']}{threads}), "
                        f"{info['total_steps']:,} steps, checkpoints in {info['out']}")
             if self.progress is not None:

@@ -60,7 +60,7 @@ class TrainConfig:
     compile: bool = False
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of DDP (tformer/distributed.py)
     # CPU: processes of one thread each that share every micro-batch's rows (training/cpu_parallel.py);
-    # None: one per thread when training on the CPU in one process without compile; 1: intra-op threads
+    # None: one per thread when training on a Linux CPU in one process without compile; 1: intra-op threads
     processes: int | None = None
     eval_every: int = 250
     eval_batches: int = 20  # 0 means the whole validation split

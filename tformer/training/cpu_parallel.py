@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import os
 import signal
+import sys
 import traceback
 from typing import Any
 
@@ -47,8 +48,10 @@ def can_fork() -> bool:
 
 
 def auto_processes(threads: int, batch_size: int) -> int:
-    """Processes for a CPU run in one process: one per thread, no more than the batch has rows."""
-    return max(1, min(threads, batch_size)) if can_fork() else 1
+    """Processes for a CPU run in one process: one per thread, no more than the batch has rows. On Linux only:
+    elsewhere forking a process that has started threads is unsafe (macOS) or impossible (Windows), so
+    --processes must be asked for."""
+    return max(1, min(threads, batch_size)) if can_fork() and sys.platform.startswith("linux") else 1
 
 
 SHM_DIR = "/dev/shm"  # where torch's shared CPU tensors live on Linux (a tmpfs, often small in containers)

@@ -240,7 +240,8 @@ class _Run:
         if self.parallel is not None:
             where += f" x {self.parallel.processes} processes"
         self.emit("start", {"total_steps": self.total_steps, "step": state.step, "dtype": self.precision.name,
-                            "device": where, "parameters": self.n_params, "out": str(self.out), "threads": threads})
+                            "device": where, "parameters": self.n_params, "out": str(self.out), "threads": threads,
+                            "processes": self.processes})
         self.invoked = time.perf_counter()  # --time-budget counts this command, not the runs before a resume
         self.started = self.invoked - state.elapsed
         # decay_to_budget: a resumed run spends the rest of the decay over its own budget
