@@ -186,7 +186,7 @@ class CPUDataParallel:
         return totals[0], totals[1], totals[2]
 
     def full_threads(self):
-        """A context in which this process has all the threads (evaluation runs here alone)."""
+        """A context in which this process has all the threads (greedy decoding for BLEU runs here alone)."""
         return _Threads(self.threads_before, self.threads_each)
 
     def close(self) -> None:
