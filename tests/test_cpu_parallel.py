@@ -13,7 +13,6 @@ import torch
 from typer.testing import CliRunner
 
 from tformer.cli import app
-from tformer.config import ModelConfig
 from tformer.data.batches import IGNORE_INDEX, Batches, Objective
 from tformer.data.tokens import PairTokens
 from tformer.device import resolve_precision
@@ -22,6 +21,7 @@ from tformer.model.transformer import build_model
 from tformer.training.cpu_parallel import CPUDataParallel, can_fork
 from tformer.training.objectives import forward_logits, loss_fn
 
+from conftest import tiny_config
 from test_train import SPECIALS, TINY, one_line_error, write_corpus
 
 pytestmark = pytest.mark.skipif(not can_fork(), reason="helpers are forked")
@@ -31,8 +31,8 @@ runner = CliRunner()
 
 def tiny(arch: str, dropout: float = 0.0):
     torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, vocab_size=40, d_model=32, n_heads=2, n_encoder_layers=1, n_decoder_layers=1,
-                      d_ff=64, max_seq_len=32, dropout=dropout)
+    cfg = tiny_config(arch=arch, vocab_size=40, n_heads=2, n_encoder_layers=1, n_decoder_layers=1, max_seq_len=32,
+                      dropout=dropout)
     return build_model(cfg).train()
 
 

@@ -27,6 +27,8 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -111,7 +113,7 @@ class CPUDataParallel:
         self.threads_before = torch.get_num_threads()
         self.threads_each = threads_each
         self.helpers: list[tuple[Any, Any]] = []  # (process, connection)
-        self.flats: list[Tensor] = []
+        self.views: list[list[Tensor]] = []  # each helper's gradient buffer, as one view per parameter
         context = multiprocessing.get_context("fork")
         try:
             for rank in range(1, processes):
@@ -122,12 +124,11 @@ class CPUDataParallel:
                 process.start()
                 theirs.close()
                 self.helpers.append((process, ours))
-                self.flats.append(flat)
+                self.views.append(_views(flat, self.params))
         except OSError as e:
             self.close()
             raise TformerError(f"cannot start {processes} training processes: {e.strerror or e} "
                                "(try --processes 1)") from None
-        self.views = [_views(flat, self.params) for flat in self.flats]
         torch.set_num_threads(threads_each)
 
     @property
@@ -185,9 +186,14 @@ class CPUDataParallel:
                         totals[i] += reply[key]
         return totals[0], totals[1], totals[2]
 
-    def full_threads(self):
+    @contextmanager
+    def full_threads(self) -> Iterator[None]:
         """A context in which this process has all the threads (greedy decoding for BLEU runs here alone)."""
-        return _Threads(self.threads_before, self.threads_each)
+        torch.set_num_threads(self.threads_before)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(self.threads_each)
 
     def close(self) -> None:
         """Stop the helpers (closing their pipes ends them) and give this process its threads back."""
@@ -234,17 +240,6 @@ class CPUDataParallel:
                else f"exited with code {code}" if code is not None else "stopped answering")
         raise TformerError(f"training process {rank} of {self.processes} {how} (out of memory?); training "
                            "stopped, the last checkpoint is kept (then --resume auto, or --processes 1)")
-
-
-class _Threads:
-    def __init__(self, full: int, each: int):
-        self.full, self.each = full, each
-
-    def __enter__(self) -> None:
-        torch.set_num_threads(self.full)
-
-    def __exit__(self, *exc: Any) -> None:
-        torch.set_num_threads(self.each)
 
 
 def _split(batch: dict[str, Tensor], n: int) -> list[dict[str, Tensor]]:
