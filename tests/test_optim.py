@@ -3,6 +3,9 @@ step against a hand computation, parameter groups, learning rates, and bad optio
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -90,6 +93,50 @@ def test_muon_step_is_the_hand_computation_and_the_rest_is_adamw():
     expected = before * (1 - 0.05 * 0.1) - 0.05 * (48 / 32) ** 0.5 * update
     torch.testing.assert_close(w.detach(), expected, rtol=1e-5, atol=1e-6)
     assert torch.equal(opt.state[w]["momentum_buffer"], grad)
+
+
+def test_muons_adamw_groups_step_and_save_as_torchs_adamw():
+    ours, reference = tiny_model(), tiny_model()
+    cfg = TrainConfig(optimizer="muon", lr=1e-2, weight_decay=0.1)
+    opt = make_optimizer(ours, cfg, CPU)
+    by_name = dict(reference.named_parameters())
+    names = {id(p): n for n, p in ours.named_parameters()}
+    adamw_groups = [g for g in opt.param_groups if not g["muon"]]
+    groups = [{"params": [by_name[names[id(p)]] for p in g["params"]], "weight_decay": g["weight_decay"]}
+              for g in adamw_groups]
+    torch_adamw = torch.optim.AdamW(groups, lr=1e-2, betas=(cfg.beta1, cfg.beta2), fused=True)
+    for step in range(3):
+        random_grads(ours, step)
+        random_grads(reference, step)
+        opt.step()
+        torch_adamw.step()
+    for g in adamw_groups:
+        for p in g["params"]:
+            q = by_name[names[id(p)]]
+            assert torch.equal(p, q), names[id(p)]
+            assert opt.state[p].keys() == torch_adamw.state[q].keys()
+            for key, value in opt.state[p].items():
+                other = torch_adamw.state[q][key]
+                assert value.dtype == other.dtype and torch.equal(value, other), (names[id(p)], key)
+
+
+def test_a_cpu_run_does_not_import_torch_dynamo(tmp_path):
+    # torch.optim's classes import it (seconds) on their first step or zero_grad; nothing here is compiled
+    script = (
+        "import sys, torch\n"
+        "from tformer.config import ModelConfig\n"
+        "from tformer.model.transformer import build_model\n"
+        "from tformer.training.config import TrainConfig\n"
+        "from tformer.training.optim import make_optimizer\n"
+        "model = build_model(ModelConfig.from_preset('tiny', vocab_size=50, d_model=32, n_heads=2, d_ff=48,\n"
+        "                                            n_decoder_layers=2, max_seq_len=16))\n"
+        "opt = make_optimizer(model, TrainConfig(optimizer='muon'), torch.device('cpu'))\n"
+        "model(torch.randint(50, (2, 8))).logits.sum().backward()\n"
+        "opt.step(); opt.zero_grad(); opt.load_state_dict(opt.state_dict())\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_each_group_follows_the_schedule_scaled_to_its_peak():

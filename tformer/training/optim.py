@@ -4,10 +4,12 @@ schedules."""
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.adamw import adamw as functional_adamw
 
 from tformer.training.config import TrainConfig
 
@@ -58,6 +60,24 @@ def _plain_tensors(params: list[Tensor]) -> bool:
     return all(type(p) is nn.Parameter or type(p) is Tensor for p in params)
 
 
+def skip_dynamo_import() -> None:
+    """Let torch.optim's methods run without importing torch._dynamo, in a process that compiles nothing.
+
+    torch.optim.Optimizer wraps `add_param_group`, `zero_grad` and `(load_)state_dict` in
+    `torch._disable_dynamo`, which imports torch._dynamo (seconds on a slow CPU: a tenth of a short run) on
+    their first call, only to mark them as never to be compiled. The wrapper looks for that mark on the
+    function first; setting it to the function itself skips the import. Nothing of the optimizer is ever
+    compiled here (--compile compiles the model alone), and a torch whose wrapper differs is left as it is.
+    """
+    if "torch._dynamo" in sys.modules:
+        return
+    wrapper_code = torch._disable_dynamo(lambda: None).__code__
+    for method in vars(torch.optim.Optimizer).values():
+        inner = getattr(method, "__wrapped__", None)
+        if getattr(method, "__code__", None) is wrapper_code and inner is not None:
+            setattr(inner, "__dynamo_disable", inner)
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with weight decay on the weight matrices only (not on norms, biases or embeddings); with
     `cfg.optimizer == "muon"`, Muon for the hidden weight matrices and AdamW for the rest.
@@ -65,6 +85,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     AdamW runs fused (one kernel over all tensors) on the CPU and CUDA: far fewer small operations per step
     than the per-tensor loop, and the same update.
     """
+    if not cfg.compile:
+        skip_dynamo_import()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in named if cfg.optimizer == "muon" and _hidden_matrix(n, p)]
     hidden_ids = {id(p) for p in hidden}
@@ -120,17 +142,6 @@ class MuonAdamW(torch.optim.Optimizer):
                         decoupled_weight_decay=True, momentum=momentum, ns_steps=ns_steps)
         groups = [{**g, "muon": True} for g in muon_groups] + [{**g, "muon": False} for g in adamw_groups]
         super().__init__(groups, defaults)
-        self._adamw = torch.optim.AdamW([torch.zeros(1)], lr=lr, betas=betas, fused=fused or None)
-        self._link()
-
-    def _link(self) -> None:
-        """The inner AdamW works on this optimizer's own AdamW groups and state (the same objects)."""
-        self._adamw.param_groups = [g for g in self.param_groups if not g["muon"]]
-        self._adamw.state = self.state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._link()
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
@@ -139,8 +150,32 @@ class MuonAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             if group["muon"]:
                 self._muon_step(group)
-        if self._adamw.param_groups:
-            self._adamw.step()
+            else:
+                self._adamw_step(group)
+
+    def _adamw_step(self, group: dict[str, Any]) -> None:
+        """torch's functional AdamW on one group, its state kept as torch.optim.AdamW keeps it. (AdamW.step itself
+        would import torch._dynamo on its first call: seconds of a short run.)"""
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if group["fused"]
+                                 else torch.tensor(0.0, dtype=torch.float32))
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        if params:
+            beta1, beta2 = group["betas"]
+            functional_adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=group["foreach"],
+                             fused=group["fused"], amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
     def _muon_step(self, group: dict[str, Any]) -> None:
         mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
