@@ -62,6 +62,8 @@ def tformer_step(args):
         parallel = CPUDataParallel(model, "decoder", processes, 0.0, resolve_precision("fp32", torch.device("cpu")))
         torch.set_num_threads(threads)  # the other programs' steps keep theirs; ours is set per trial
         loss_of = lambda x, y: parallel.forward_backward({"idx": x, "labels": y}, 1.0)  # noqa: E731
+        if hasattr(opt, "orthogonalize_stacks"):  # Muon
+            opt.orthogonalize_stacks = parallel.orthogonalize
     else:
         loss_of = lambda x, y: loss_fn(forward(x).logits, y)  # noqa: E731
     # as tformer's loop: foreach norms for the clipping

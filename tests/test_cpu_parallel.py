@@ -187,6 +187,38 @@ def test_shared_out_evaluation_equals_one_process():
     assert shared["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-6)
 
 
+def test_shared_out_orthogonalization_equals_one_process_and_a_muon_step_uses_it():
+    from tformer.training.config import TrainConfig
+    from tformer.training.optim import make_optimizer, orthogonalize_each
+
+    g = torch.Generator().manual_seed(0)
+    stacks = [torch.randn(3, 8, 20, generator=g), torch.randn(1, 16, 16, generator=g), torch.randn(4, 6, 9, generator=g)]
+    model = tiny("decoder")
+    parallel = CPUDataParallel(model, "decoder", 3, 0.0, FP32)  # one stack has fewer matrices than processes
+    try:
+        shared = parallel.orthogonalize(stacks, 5)
+        alone = orthogonalize_each(stacks, 5)
+        assert [len(s) for s in shared] == [3, 1, 4]
+        for s, a in zip(shared, alone):
+            for x, y in zip(s, a):
+                torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+        # a Muon step with the stacks shared out moves the weights as one computed alone
+        twin = tiny("decoder")
+        opts = [make_optimizer(m, TrainConfig(optimizer="muon"), torch.device("cpu")) for m in (model, twin)]
+        calls = []
+        opts[0].orthogonalize_stacks = lambda st, n: calls.append(len(st)) or parallel.orthogonalize(st, n)
+        for m in (model, twin):
+            for p in m.parameters():
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+        for opt in opts:
+            opt.step()
+        assert calls and calls[0] > 0
+        for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    finally:
+        parallel.close()
+
+
 def test_too_little_shared_memory_falls_back_to_threads_or_stops_with_one_line(tmp_path, monkeypatch):
     """A full tmpfs kills the process that writes to it with SIGBUS: the need is checked before sharing."""
     import tformer.training.cpu_parallel as cp

@@ -13,7 +13,9 @@ own process with one thread and a share of every micro-batch's rows, as DDP does
   the whole micro-batch's mean loss (up to the order of floating-point additions);
 - dropout in a helper draws from a seed the main process takes from its own generator, so a run is
   reproducible and a resumed run continues exactly;
-- evaluation shares out whole validation batches, the processes taking them in turns.
+- evaluation shares out whole validation batches, the processes taking them in turns;
+- Muon's orthogonalization, the largest part of its step, is shared out too: the helpers would otherwise wait
+  through the optimizer step, and their gradient buffers are free by then (already added up).
 
 Helpers are forked (no re-import, the model is already built), ignore Ctrl-C and SIGTERM (the main process
 stops the run and saves), and exit when the main process closes their pipe or dies.
@@ -22,6 +24,7 @@ stops the run and saves), and exit when the main process closes their pipe or di
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -41,6 +44,7 @@ from tformer.training.config import MAX_PROCESSES
 from tformer.training.evaluate import batch_totals
 from tformer.training.lock import close_inherited_locks
 from tformer.training.objectives import forward_logits, loss_fn
+from tformer.training.optim import orthogonalize
 
 _POLL_S = 0.5  # how often a waiting main process checks that its helpers are still alive
 
@@ -113,7 +117,8 @@ class CPUDataParallel:
         self.threads_before = torch.get_num_threads()
         self.threads_each = threads_each
         self.helpers: list[tuple[Any, Any]] = []  # (process, connection)
-        self.views: list[list[Tensor]] = []  # each helper's gradient buffer, as one view per parameter
+        self.flats: list[Tensor] = []  # each helper's gradient buffer
+        self.views: list[list[Tensor]] = []  # the same, as one view per parameter
         context = multiprocessing.get_context("fork")
         try:
             for rank in range(1, processes):
@@ -124,6 +129,7 @@ class CPUDataParallel:
                 process.start()
                 theirs.close()
                 self.helpers.append((process, ours))
+                self.flats.append(flat)
                 self.views.append(_views(flat, self.params))
         except OSError as e:
             self.close()
@@ -164,6 +170,34 @@ class CPUDataParallel:
             loss += self._receive(rank)["loss"]
             torch._foreach_add_(grads, self.views[rank - 1])
         return loss
+
+    @torch.no_grad()
+    def orthogonalize(self, stacks: list[Tensor], steps: int) -> list[list[Tensor]]:
+        """`optim.orthogonalize_each` with each stack's matrices shared out among the processes. Call it between
+        steps (the helpers' gradient buffers are reused: they carry the matrices both ways)."""
+        parts = [torch.tensor_split(stack, self.processes) for stack in stacks]  # parts[stack][rank]
+        layouts: dict[int, list[tuple[int, list[int]]]] = {}
+        for rank in range(1, self.processes):
+            flat, offset, layout = self.flats[rank - 1], 0, []
+            for share in (p[rank] for p in parts):
+                if offset + share.numel() > flat.numel():
+                    raise ValueError("the stacks are larger than the model's parameters")
+                flat[offset:offset + share.numel()].view_as(share).copy_(share)
+                layout.append((offset, list(share.shape)))
+                offset += share.numel()
+            if offset:
+                self._send_header(rank, {"mode": "orthogonalize", "steps": steps, "layout": layout})
+                layouts[rank] = layout
+        results: list[list[Tensor]] = [list(orthogonalize(p[0], steps).unbind(0)) if p[0].numel() else []
+                                       for p in parts]
+        for rank in range(1, self.processes):
+            if rank not in layouts:
+                continue
+            self._receive(rank)
+            for i, (offset, shape) in enumerate(layouts[rank]):
+                n = math.prod(shape)
+                results[i] += self.flats[rank - 1][offset:offset + n].view(shape).unbind(0) if n else []
+        return results
 
     @torch.no_grad()
     def evaluate(self, batches: Any) -> tuple[float, int, int]:
@@ -208,14 +242,18 @@ class CPUDataParallel:
         torch.set_num_threads(self.threads_before)
 
     def _send(self, rank: int, share: dict[str, Tensor], weight: float, seed: int, mode: str = "train") -> None:
-        conn = self.helpers[rank - 1][1]
         names = list(share)
-        header = {"mode": mode, "weight": weight, "seed": seed,
-                  "tensors": [[n, str(share[n].dtype).removeprefix("torch."), list(share[n].shape)] for n in names]}
+        self._send_header(rank, {"mode": mode, "weight": weight, "seed": seed, "tensors": [
+            [n, str(share[n].dtype).removeprefix("torch."), list(share[n].shape)] for n in names]})
         try:
-            conn.send_bytes(json.dumps(header).encode())
             for n in names:
-                conn.send_bytes(share[n].contiguous().numpy().tobytes())
+                self.helpers[rank - 1][1].send_bytes(share[n].contiguous().numpy().tobytes())
+        except OSError:
+            self._lost(rank)
+
+    def _send_header(self, rank: int, header: dict[str, Any]) -> None:
+        try:
+            self.helpers[rank - 1][1].send_bytes(json.dumps(header).encode())
         except OSError:
             self._lost(rank)
 
@@ -283,14 +321,21 @@ def _serve(parallel: CPUDataParallel, flat: Tensor, conn: Any) -> None:
         try:
             header = json.loads(conn.recv_bytes())
             share = {}
-            for name, dtype, shape in header["tensors"]:
+            for name, dtype, shape in header.get("tensors", ()):
                 data = bytearray(conn.recv_bytes())
                 share[name] = torch.frombuffer(data, dtype=getattr(torch, dtype)).view(shape) if data \
                     else torch.empty(shape, dtype=getattr(torch, dtype))
         except (EOFError, OSError):
             return  # the main process closed the pipe (or is gone)
         try:
-            if header["mode"] == "eval":
+            if header["mode"] == "orthogonalize":
+                with torch.no_grad():
+                    for offset, shape in header["layout"]:
+                        x = flat[offset:offset + math.prod(shape)].view(shape)
+                        if x.numel():
+                            x.copy_(orthogonalize(x, header["steps"]))
+                reply = {}
+            elif header["mode"] == "eval":
                 with torch.no_grad(), eval_mode(parallel.model):
                     loss, correct, tokens = batch_totals(parallel.model, parallel.arch, share, autocast)
                 reply = {"loss": loss, "correct": correct, "tokens": tokens}

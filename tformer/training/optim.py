@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -142,6 +143,9 @@ class MuonAdamW(torch.optim.Optimizer):
                         decoupled_weight_decay=True, momentum=momentum, ns_steps=ns_steps)
         groups = [{**g, "muon": True} for g in muon_groups] + [{**g, "muon": False} for g in adamw_groups]
         super().__init__(groups, defaults)
+        # what orthogonalizes the stacks of a step (`orthogonalize_each` when None): training on the CPU in
+        # several processes shares them out (CPUDataParallel.orthogonalize)
+        self.orthogonalize_stacks: Callable[[list[Tensor], int], list[list[Tensor]]] | None = None
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
@@ -179,11 +183,13 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon_step(self, group: dict[str, Any]) -> None:
         mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
-        by_shape: dict[torch.Size, list[Tensor]] = {}  # matrices of one shape are orthogonalized as one stack
+        # matrices of one shape, up to a transpose, are orthogonalized as one stack, each turned wide (rows <= cols)
+        by_shape: dict[tuple[int, ...], list[Tensor]] = {}
         for p in group["params"]:
             if p.grad is not None:
-                by_shape.setdefault(p.shape, []).append(p)
-        for shape, params in by_shape.items():
+                by_shape.setdefault(tuple(sorted(p.shape)), []).append(p)
+        stacks = []
+        for params in by_shape.values():
             grads = [p.grad for p in params]
             bufs = []
             for p in params:
@@ -193,7 +199,16 @@ class MuonAdamW(torch.optim.Optimizer):
                 bufs.append(state["momentum_buffer"])
             torch._foreach_mul_(bufs, mu)
             torch._foreach_add_(bufs, grads)
-            nesterov = torch.stack(grads).add_(torch.stack(bufs), alpha=mu)  # (n, rows, cols)
-            updates = orthogonalize(nesterov, group["ns_steps"]).unbind(0)
+            nesterov = torch._foreach_add(grads, bufs, alpha=mu)
+            stacks.append(torch.stack([n if n.size(0) <= n.size(1) else n.mT for n in nesterov]))  # (n, rows, cols)
+        orthogonalized = (self.orthogonalize_stacks or orthogonalize_each)(stacks, group["ns_steps"])
+        for params, updates in zip(by_shape.values(), orthogonalized):
+            updates = [u if u.shape == p.shape else u.mT for p, u in zip(params, updates)]
+            torch._foreach_mul_(updates, [-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5 for p in params])
             torch._foreach_mul_(params, 1 - lr * wd)
-            torch._foreach_add_(params, updates, alpha=-lr * max(1.0, shape[0] / shape[1]) ** 0.5)
+            torch._foreach_add_(params, updates)
+
+
+def orthogonalize_each(stacks: list[Tensor], steps: int) -> list[list[Tensor]]:
+    """Each stack (n, rows, cols) orthogonalized, as a list of its n matrices."""
+    return [list(orthogonalize(stack, steps).unbind(0)) for stack in stacks]
