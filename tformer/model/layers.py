@@ -142,7 +142,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate x (..., head_dim) by the angles of RotaryEmbedding's tables: with x = [x1, x2], the result is
     [x1 cos - x2 sin, x2 cos + x1 sin] = x [cos, cos] + [x2, x1] [-sin, sin], the roll giving [x2, x1]."""
     xf = x.float()
-    return (xf * cos + xf.roll(x.size(-1) // 2, dims=-1) * sin).type_as(x)
+    return torch.addcmul(xf * cos, xf.roll(x.size(-1) // 2, dims=-1), sin).type_as(x)
 
 
 class FeedForward(nn.Module):
