@@ -32,20 +32,29 @@ def random_grads(model: torch.nn.Module, seed: int) -> None:
         p.grad = torch.randn(p.shape, generator=g)
 
 
+def mirrored_groups(ours: torch.nn.Module, reference: torch.nn.Module, groups: list[dict]) -> list[dict]:
+    """`groups` of `ours` as parameter groups of the same parameters (by name) of `reference`."""
+    by_name, names = dict(reference.named_parameters()), {id(p): n for n, p in ours.named_parameters()}
+    return [{"params": [by_name[names[id(p)]] for p in g["params"]], "weight_decay": g["weight_decay"]}
+            for g in groups]
+
+
+def step_both(models: tuple[torch.nn.Module, torch.nn.Module], optimizers: tuple, steps: int = 3) -> None:
+    """`steps` optimizer steps of each model on the same random gradients."""
+    for step in range(steps):
+        for model, opt in zip(models, optimizers):
+            random_grads(model, step)
+            opt.step()
+
+
 def test_adamw_is_fused_on_the_cpu_and_equals_the_per_tensor_loop():
     ours, reference = tiny_model(), tiny_model()
     cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
     opt = make_optimizer(ours, cfg, CPU)
     assert isinstance(opt, torch.optim.AdamW) and all(g["fused"] for g in opt.param_groups)
-    groups = [{"params": [dict(reference.named_parameters())[n] for n, p in ours.named_parameters()
-                          if any(p is q for q in g["params"])], "weight_decay": g["weight_decay"]}
-              for g in opt.param_groups]
-    slow = torch.optim.AdamW(groups, lr=1e-2, betas=(cfg.beta1, cfg.beta2), foreach=False)
-    for step in range(3):
-        random_grads(ours, step)
-        random_grads(reference, step)
-        opt.step()
-        slow.step()
+    slow = torch.optim.AdamW(mirrored_groups(ours, reference, opt.param_groups), lr=1e-2, betas=(cfg.beta1, cfg.beta2),
+                             foreach=False)
+    step_both((ours, reference), (opt, slow))
     for (name, a), b in zip(ours.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -102,14 +111,9 @@ def test_muons_adamw_groups_step_and_save_as_torchs_adamw():
     by_name = dict(reference.named_parameters())
     names = {id(p): n for n, p in ours.named_parameters()}
     adamw_groups = [g for g in opt.param_groups if not g["muon"]]
-    groups = [{"params": [by_name[names[id(p)]] for p in g["params"]], "weight_decay": g["weight_decay"]}
-              for g in adamw_groups]
-    torch_adamw = torch.optim.AdamW(groups, lr=1e-2, betas=(cfg.beta1, cfg.beta2), fused=True)
-    for step in range(3):
-        random_grads(ours, step)
-        random_grads(reference, step)
-        opt.step()
-        torch_adamw.step()
+    torch_adamw = torch.optim.AdamW(mirrored_groups(ours, reference, adamw_groups), lr=1e-2,
+                                    betas=(cfg.beta1, cfg.beta2), fused=True)
+    step_both((ours, reference), (opt, torch_adamw))
     for g in adamw_groups:
         for p in g["params"]:
             q = by_name[names[id(p)]]
