@@ -65,7 +65,7 @@ def skip_dynamo_import() -> None:
     """Let torch.optim's methods run without importing torch._dynamo, in a process that compiles nothing.
 
     torch.optim.Optimizer wraps `add_param_group`, `zero_grad` and `(load_)state_dict` in
-    `torch._disable_dynamo`, which imports torch._dynamo (seconds on a slow CPU: a tenth of a short run) on
+    `torch._disable_dynamo`, which imports torch._dynamo (seconds, in a run that may last a minute) on
     their first call, only to mark them as never to be compiled. The wrapper looks for that mark on the
     function first; setting it to the function itself skips the import. Nothing of the optimizer is ever
     compiled here (--compile compiles the model alone), and a torch whose wrapper differs is left as it is.
