@@ -59,11 +59,10 @@ def tformer_step(args):
     threads = torch.get_num_threads()
     processes = args.processes or (1 if args.compile else auto_processes(threads, args.batch))
     if processes > 1:  # as tformer's loop: the rows shared out among processes of one thread each
-        parallel = CPUDataParallel(model, "decoder", processes, 0.0, resolve_precision("fp32", torch.device("cpu")))
+        parallel = CPUDataParallel(model, "decoder", processes, 0.0, resolve_precision("fp32", torch.device("cpu")),
+                                   optimizer=opt)  # Muon's orthogonalization shared out too
         torch.set_num_threads(threads)  # the other programs' steps keep theirs; ours is set per trial
         loss_of = lambda x, y: parallel.forward_backward({"idx": x, "labels": y}, 1.0)  # noqa: E731
-        if hasattr(opt, "orthogonalize_stacks"):  # Muon
-            opt.orthogonalize_stacks = parallel.orthogonalize
     else:
         loss_of = lambda x, y: loss_fn(forward(x).logits, y)  # noqa: E731
     # as tformer's loop: foreach norms for the clipping

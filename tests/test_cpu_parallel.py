@@ -193,9 +193,12 @@ def test_shared_out_orthogonalization_equals_one_process_and_a_muon_step_uses_it
 
     g = torch.Generator().manual_seed(0)
     stacks = [torch.randn(3, 8, 20, generator=g), torch.randn(1, 16, 16, generator=g), torch.randn(4, 6, 9, generator=g)]
-    model = tiny("decoder")
-    parallel = CPUDataParallel(model, "decoder", 3, 0.0, FP32)  # one stack has fewer matrices than processes
+    model, twin = tiny("decoder"), tiny("decoder")
+    opts = [make_optimizer(m, TrainConfig(optimizer="muon"), torch.device("cpu")) for m in (model, twin)]
+    # one stack has fewer matrices than processes; the optimizer's orthogonalization is shared out while it lives
+    parallel = CPUDataParallel(model, "decoder", 3, 0.0, FP32, optimizer=opts[0])
     try:
+        assert opts[0].orthogonalize_stacks == parallel.orthogonalize
         shared = parallel.orthogonalize(stacks, 5)
         alone = orthogonalize_each(stacks, 5)
         assert [len(s) for s in shared] == [3, 1, 4]
@@ -203,8 +206,6 @@ def test_shared_out_orthogonalization_equals_one_process_and_a_muon_step_uses_it
             for x, y in zip(s, a):
                 torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
         # a Muon step with the stacks shared out moves the weights as one computed alone
-        twin = tiny("decoder")
-        opts = [make_optimizer(m, TrainConfig(optimizer="muon"), torch.device("cpu")) for m in (model, twin)]
         calls = []
         opts[0].orthogonalize_stacks = lambda st, n: calls.append(len(st)) or parallel.orthogonalize(st, n)
         for m in (model, twin):
@@ -217,6 +218,7 @@ def test_shared_out_orthogonalization_equals_one_process_and_a_muon_step_uses_it
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
     finally:
         parallel.close()
+    assert opts[0].orthogonalize_stacks is None  # the helpers are gone: the optimizer works alone again
 
 
 def test_too_little_shared_memory_falls_back_to_threads_or_stops_with_one_line(tmp_path, monkeypatch):

@@ -44,7 +44,7 @@ from tformer.training.config import MAX_PROCESSES
 from tformer.training.evaluate import batch_totals
 from tformer.training.lock import close_inherited_locks
 from tformer.training.objectives import forward_logits, loss_fn
-from tformer.training.optim import orthogonalize
+from tformer.training.optim import MuonAdamW, orthogonalize
 
 _POLL_S = 0.5  # how often a waiting main process checks that its helpers are still alive
 
@@ -101,11 +101,12 @@ class CPUDataParallel:
     """`processes` processes (this one and `processes - 1` forked helpers) share each micro-batch.
 
     Create it when the model and optimizer are final (built, resumed, in train mode): the helpers are forked
-    then and see the parameters through shared memory from there on.
+    then and see the parameters through shared memory from there on. Given a MuonAdamW `optimizer`, it shares
+    out that optimizer's orthogonalization until `close`.
     """
 
     def __init__(self, model: nn.Module, arch: str, processes: int, smoothing: float, precision: Any,
-                 threads_each: int = 1):
+                 threads_each: int = 1, optimizer: torch.optim.Optimizer | None = None):
         if not 2 <= processes <= MAX_PROCESSES:
             raise ValueError(f"processes={processes} must be in [2, {MAX_PROCESSES}]")
         self.model, self.arch, self.smoothing, self.precision = model, arch, smoothing, precision
@@ -116,6 +117,7 @@ class CPUDataParallel:
         model.share_memory()  # in place: the optimizer keeps its references to the same Parameter objects
         self.threads_before = torch.get_num_threads()
         self.threads_each = threads_each
+        self.muon = optimizer if isinstance(optimizer, MuonAdamW) else None
         self.helpers: list[tuple[Any, Any]] = []  # (process, connection)
         self.flats: list[Tensor] = []  # each helper's gradient buffer
         self.views: list[list[Tensor]] = []  # the same, as one view per parameter
@@ -136,6 +138,8 @@ class CPUDataParallel:
             raise TformerError(f"cannot start {processes} training processes: {e.strerror or e} "
                                "(try --processes 1)") from None
         torch.set_num_threads(threads_each)
+        if self.muon is not None:
+            self.muon.orthogonalize_stacks = self.orthogonalize
 
     @property
     def processes(self) -> int:
@@ -176,27 +180,25 @@ class CPUDataParallel:
         """`optim.orthogonalize_each` with each stack's matrices shared out among the processes. Call it between
         steps (the helpers' gradient buffers are reused: they carry the matrices both ways)."""
         parts = [torch.tensor_split(stack, self.processes) for stack in stacks]  # parts[stack][rank]
-        layouts: dict[int, list[tuple[int, list[int]]]] = {}
+        layouts: dict[int, list[tuple[int, int, list[int]]]] = {}  # rank -> (stack, offset, shape) of its shares
         for rank in range(1, self.processes):
             flat, offset, layout = self.flats[rank - 1], 0, []
-            for share in (p[rank] for p in parts):
+            for i, share in enumerate(p[rank] for p in parts):
+                if not share.numel():  # a stack of fewer matrices than processes
+                    continue
                 if offset + share.numel() > flat.numel():
                     raise ValueError("the stacks are larger than the model's parameters")
                 flat[offset:offset + share.numel()].view_as(share).copy_(share)
-                layout.append((offset, list(share.shape)))
+                layout.append((i, offset, list(share.shape)))
                 offset += share.numel()
-            if offset:
+            if layout:
                 self._send_header(rank, {"mode": "orthogonalize", "steps": steps, "layout": layout})
                 layouts[rank] = layout
-        results: list[list[Tensor]] = [list(orthogonalize(p[0], steps).unbind(0)) if p[0].numel() else []
-                                       for p in parts]
-        for rank in range(1, self.processes):
-            if rank not in layouts:
-                continue
+        results = [list(orthogonalize(p[0], steps).unbind(0)) for p in parts]  # tensor_split fills share 0 first
+        for rank, layout in layouts.items():
             self._receive(rank)
-            for i, (offset, shape) in enumerate(layouts[rank]):
-                n = math.prod(shape)
-                results[i] += self.flats[rank - 1][offset:offset + n].view(shape).unbind(0) if n else []
+            for i, offset, shape in layout:
+                results[i] += self.flats[rank - 1][offset:offset + math.prod(shape)].view(shape).unbind(0)
         return results
 
     @torch.no_grad()
@@ -240,6 +242,8 @@ class CPUDataParallel:
                 process.join()
         self.helpers = []
         torch.set_num_threads(self.threads_before)
+        if self.muon is not None:
+            self.muon.orthogonalize_stacks = None
 
     def _send(self, rank: int, share: dict[str, Tensor], weight: float, seed: int, mode: str = "train") -> None:
         names = list(share)
@@ -330,10 +334,9 @@ def _serve(parallel: CPUDataParallel, flat: Tensor, conn: Any) -> None:
         try:
             if header["mode"] == "orthogonalize":
                 with torch.no_grad():
-                    for offset, shape in header["layout"]:
+                    for _, offset, shape in header["layout"]:
                         x = flat[offset:offset + math.prod(shape)].view(shape)
-                        if x.numel():
-                            x.copy_(orthogonalize(x, header["steps"]))
+                        x.copy_(orthogonalize(x, header["steps"]))
                 reply = {}
             elif header["mode"] == "eval":
                 with torch.no_grad(), eval_mode(parallel.model):

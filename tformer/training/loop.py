@@ -62,7 +62,7 @@ from tformer.training.objectives import (
     loss_fn,
     sequence_tokens,
 )
-from tformer.training.optim import MuonAdamW, learning_rate, make_optimizer, set_learning_rate
+from tformer.training.optim import learning_rate, make_optimizer, set_learning_rate
 from tformer.training.plan import check_data, total_steps_for
 from tformer.training.resume import restore, truncate_metrics
 from tformer.training.state import METRICS_FILE, LoopState
@@ -227,16 +227,12 @@ class _Run:
         if self.processes > 1:
             threads = max(1, threads // self.processes)
             self.parallel = CPUDataParallel(self.model, self.arch, self.processes, self.smoothing, self.precision,
-                                            threads)
-            if isinstance(self.optimizer, MuonAdamW):
-                self.optimizer.orthogonalize_stacks = self.parallel.orthogonalize
+                                            threads, self.optimizer)
         try:
             return self._run(threads)
         finally:
             if self.parallel is not None:
                 self.parallel.close()
-                if isinstance(self.optimizer, MuonAdamW):
-                    self.optimizer.orthogonalize_stacks = None
 
     def _run(self, threads: int) -> TrainResult:
         cfg, state = self.cfg, self.state
