@@ -38,7 +38,8 @@ def int8_runs(stored_in_out: list[torch.Tensor], x: dict[int, torch.Tensor]) -> 
     """The int8 candidates for the same products (weights quantized per output channel), and a plain read of
     the int8 bytes (as float32 words: int8 and int32 sums are slow in ATen, which would understate the bound)."""
     qs = [quantize.quantize_weight(w.t()) for w in stored_in_out]  # (out, in) int8, (out,) scales
-    packed = [(quantize.pack(q), F.pad(s, (0, -(-q.size(0) // 32) * 32 - q.size(0)))) for q, s in qs]
+    block, layout = quantize.BLOCK, quantize.kernel_layout()
+    packed = [(quantize.pack(q, layout), F.pad(s, (0, -(-q.size(0) // block) * block - q.size(0)))) for q, s in qs]
     for (q, s), (p, ps) in zip(qs[:4] + qs[-1:], packed[:4] + packed[-1:]):  # compile each shape, check it
         got = quantize.matvec(x[q.size(1)].view(1, -1), p, ps)[:, :q.size(0)]
         want = x[q.size(1)].view(1, -1) @ quantize.dequantize(q, s).t()

@@ -45,22 +45,36 @@ def test_round_trip_error_is_at_most_half_a_step():
     assert err[3].max() == 0
 
 
-@pytest.mark.parametrize("out, d_in", [(64, 48), (70, 33)])  # a whole number of blocks, and a padded one
-def test_packed_matvec_equals_the_dequantized_product(out, d_in):
+@pytest.mark.parametrize("layout", ["bytes", "words"])
+@pytest.mark.parametrize("out, d_in", [(128, 48), (70, 33)])  # a whole number of blocks, and a padded one
+def test_packed_matvec_equals_the_dequantized_product(out, d_in, layout):
     w, x = torch.randn(out, d_in), torch.randn(1, d_in)
     qw, scale = q.quantize_weight(w)
-    packed = q.pack(qw)
-    padded = F.pad(scale, (0, packed.size(0) * q.BLOCK - out))
+    packed = q.pack(qw, layout)
+    blocks = -(-out // q.BLOCK)
+    assert packed.shape == ((blocks, d_in, q.BLOCK) if layout == "bytes" else (blocks, d_in, q.BLOCK // 4))
+    padded = F.pad(scale, (0, blocks * q.BLOCK - out))
     got = q._matvec(x, packed, padded)[:, :out]  # the math the compiled kernel runs
     torch.testing.assert_close(got, x @ q.dequantize(qw, scale).t(), rtol=1e-5, atol=1e-5)
 
 
-def test_int8_linear_kernel_equals_a_naive_dequantized_matmul():
+def test_kernel_layout_follows_the_vector_width(monkeypatch):
+    import torch._inductor.cpu_vec_isa as isa
+
+    for bits, want in [(512, "bytes"), (256, "words"), (0, "words")]:  # 0: inductor found no usable ISA
+        monkeypatch.setattr(q, "_layout", None)
+        monkeypatch.setattr(isa, "pick_vec_isa", lambda bits=bits: type("ISA", (), {"bit_width": lambda s: bits})())
+        assert q.kernel_layout() == want
+
+
+@pytest.mark.parametrize("layout", ["bytes", "words"])
+def test_int8_linear_kernel_equals_a_naive_dequantized_matmul(monkeypatch, layout):
     torch.manual_seed(1)
-    w, b = torch.randn(96, 64), torch.randn(96)
+    w, b = torch.randn(96, 64), torch.randn(96)  # 96 rows: the last block padded
+    monkeypatch.setattr(q, "MIN_KERNEL_SIZE", 0)  # the compiled kernel on a small matrix
+    monkeypatch.setattr(q, "_layout", layout)  # either layout compiles on any x86 CPU
     m = q.Int8Linear.from_weight(w, b)
-    m.use_kernel, m.packed = True, q.pack(m.weight)  # force the compiled kernel on a small matrix
-    m.padded_scale, m.padded_bias = m.weight_scale, b
+    assert m.use_kernel and m.packed.size(0) == 2 and m.padded_scale.numel() == 2 * q.BLOCK
     naive = lambda x: x @ (m.weight.float() * m.weight_scale[:, None]).t() + b
     for shape in [(1, 1, 64), (2, 1, 64), (3, 5, 64)]:  # one row (kernel), two rows (kernel twice), many (dequantize)
         x = torch.randn(*shape)

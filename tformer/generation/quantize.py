@@ -4,13 +4,15 @@ A batch-1 decode step reads every weight matrix once, so storing the weights in 
 cuts the bytes read per token by up to 4x. The activations stay float32: each product computes
 `x @ (q * scale).T` with q in int8 and scale in float32, one per output row.
 
-The product with one row needs a kernel that reads the int8 bytes once, at full vector width. Neither
-ATen's `_weight_int8pack_mm` nor inductor's code for `(x * q.float()).sum(-1)` does so on AVX2 (the
-latter loads eight int8 values at a time through a partial-vector copy, and walks the matrix by
-columns). So `pack` stores each block of 32 output rows as int32 words holding four int8 weights each,
-(out/32, in, 8), and `_matvec` unpacks a word with two shifts: inductor vectorises int32 shifts and
-int32-to-float conversion natively and walks the words in memory order, one block of rows per thread.
-(The words are stored as float32 bits: see `pack`.)
+The product with one row needs a kernel that reads the int8 bytes once, at full vector width, in memory
+order. ATen's `_weight_int8pack_mm` does not, nor does inductor's code for `(x * q.float()).sum(-1)` on
+the (out, in) matrix (it walks the matrix by columns). So `pack` stores each block of 64 output rows
+interleaved, (blocks, in, 64): the 64 weights of one input feature are adjacent, and `_matvec` walks
+the bytes in memory order with one accumulator per row, one block of rows per thread. How it turns
+the bytes into floats depends on the vector instructions inductor compiles for (`kernel_layout`):
+with AVX-512 it converts them directly; with AVX2 that conversion loads eight bytes at a time through
+a partial-vector copy, so there the block is read as 32-bit words, each holding four weights, which
+two shifts unpack (inductor vectorises int32 shifts and int32-to-float conversion natively).
 
 Products with more rows (prefill, evaluation, large batches) dequantize the matrix and use F.linear.
 Only safetensors and JSON are read: `load_quantized` checks every name, shape and dtype first.
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 from tformer.errors import CheckpointError, TformerError
 
 METHODS = ("int8",)
-BLOCK = 32  # output rows per packed block: 8 int32 lanes (one AVX2 vector) x 4 bytes
+BLOCK = 64  # output rows per packed block: 4 AVX-512 or 8 AVX2 vectors of accumulators
 MIN_KERNEL_SIZE = 1 << 16  # smaller matrices stay in cache: dequantizing them costs less than compiling a kernel
 MAX_KERNEL_ROWS = 4  # the kernel reads the whole matrix once per row; above this, dequantize once instead
 SCALE_SUFFIX = "_scale"
@@ -67,26 +69,47 @@ def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> 
     return torch.mul(q, scale.to(dtype)[:, None])
 
 
-def pack(q: Tensor) -> Tensor:
-    """q int8 (out, in) as 32-bit words (ceil(out/32), in, 8): byte k of lane l of block b holds row b*32 + k*8 + l
-    (zero rows pad the last block). Row order within a block is what `_matvec`'s four shifts give back.
-    The words are typed float32 (their bits are the int8 bytes, never used as floats): at::vec loads int32
-    vectors through a stack copy that stalls on store forwarding, float32 vectors directly."""
+_layout: str | None = None  # kernel_layout's answer, found once
+
+
+def kernel_layout() -> str:
+    """How `_matvec` reads a packed block on this CPU: "bytes" (int8, converted directly) where inductor compiles
+    for AVX-512, else "words" (int32 words typed as float32, unpacked by shifts). The words are typed float32
+    because at::vec loads AVX2 int32 vectors through a stack copy that stalls on store forwarding, and float32
+    vectors directly; their bits are never used as floats. (Measured: RESULTS.md, int8 decoding.)"""
+    global _layout
+    if _layout is None:
+        try:
+            from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+            _layout = "bytes" if pick_vec_isa().bit_width() >= 512 else "words"
+        except Exception:  # noqa: BLE001 - no compiler, or another inductor: the eager fallback reads either
+            _layout = "words"
+    return _layout
+
+
+def pack(q: Tensor, layout: str = "bytes") -> Tensor:
+    """q int8 (out, in) as blocks of BLOCK rows, (ceil(out/BLOCK), in, BLOCK): element [b, i, j] is q[b*BLOCK + j, i]
+    (zero rows pad the last block). layout "words" gives the same bytes typed as float32, (blocks, in, BLOCK/4)."""
     out, d_in = q.shape
     padded = -(-out // BLOCK) * BLOCK
     if padded != out:
         q = torch.cat([q, q.new_zeros(padded - out, d_in)])
-    b = q.reshape(padded // BLOCK, 4, 8, d_in).permute(0, 3, 2, 1).contiguous()  # (block, in, lane, byte)
-    return b.view(torch.float32).reshape(padded // BLOCK, d_in, 8)
+    b = q.reshape(padded // BLOCK, BLOCK, d_in).transpose(1, 2).contiguous()
+    return b.view(torch.float32) if layout == "words" else b
 
 
 def _matvec(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (1, in) times the packed int8 matrix, times the scales, plus the bias: (1, out_padded). Written for
-    inductor: one loop over the int32 words of each block, four accumulators, each word read once."""
-    xs, packed = x.reshape(1, -1, 1), packed.view(torch.int32)  # a bit cast after the load
-    # (w << (24 - 8k)) >> 24 is byte k, sign-extended (arithmetic shift of int32)
-    parts = [(xs * ((packed << (24 - 8 * k)) >> 24).float()).sum(1) for k in range(4)]  # each (blocks, 8)
-    y = torch.stack(parts, 1).reshape(1, -1) * scale
+    inductor: one loop over each block's bytes in memory order, one accumulator per row, each byte read once."""
+    xs = x.reshape(1, -1, 1)
+    if packed.dtype == torch.int8:
+        y = (xs * packed.float()).sum(1)
+    else:
+        words = packed.view(torch.int32)  # a bit cast after the load; byte k of word l is row 4l + k
+        # (w << (24 - 8k)) >> 24 is byte k, sign-extended (arithmetic shift of int32)
+        y = torch.stack([(xs * ((words << (24 - 8 * k)) >> 24).float()).sum(1) for k in range(4)], -1)
+    y = y.reshape(1, -1) * scale
     return y if bias is None else y + bias
 
 
@@ -149,7 +172,7 @@ class Int8Linear(nn.Module):
         """Build the packed copy the kernel reads (after the weights are loaded); returns self."""
         self.use_kernel = self.weight.device.type == "cpu" and self.weight.numel() >= MIN_KERNEL_SIZE
         if self.use_kernel:
-            self.packed = pack(self.weight)
+            self.packed = pack(self.weight, kernel_layout())
             pad = self.packed.size(0) * BLOCK - self.out_features
             self.padded_scale = F.pad(self.weight_scale.float(), (0, pad))
             self.padded_bias = None if self.bias is None else F.pad(self.bias.detach().float(), (0, pad))
