@@ -81,6 +81,23 @@ def test_int8_linear_kernel_equals_a_naive_dequantized_matmul(monkeypatch, layou
         torch.testing.assert_close(m(x), naive(x), rtol=1e-5, atol=1e-5)
 
 
+def test_kernels_compile_before_the_decode_clock(monkeypatch, decoder_dir):
+    from tformer.generation.config import GenerateConfig
+    from tformer.generation.generate import generate
+
+    monkeypatch.setattr(q, "MIN_KERNEL_SIZE", 0)  # the tiny model's matrices get kernels
+    monkeypatch.setattr(q, "_kernels", {})
+    loaded = load(decoder_dir, device="cpu", quantize="int8")
+    cfg = GenerateConfig(max_new_tokens=4, temperature=0)
+    first = generate(loaded.model, loaded.tokenizer, ["abc"], cfg).timings
+    assert first.compile_s is not None and first.compile_s > 0  # compiled, reported apart from decode_s
+    ready = len(q._kernels)
+    assert ready >= 2  # the layers' shapes and the tied head's
+    assert q.compile_kernels(loaded.model) is None  # nothing left to compile
+    again = generate(loaded.model, loaded.tokenizer, ["abcd"], cfg).timings
+    assert again.compile_s is None and len(q._kernels) == ready  # no kernel compiled inside the timed steps
+
+
 def test_generate_cli_with_int8(decoder_dir):
     args = ["generate", "-c", str(decoder_dir), "-p", "abc", "-n", "8", "--temperature", "0", "--json"]
     fp32 = runner.invoke(app, args)

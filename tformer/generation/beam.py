@@ -16,6 +16,7 @@ from tformer.data.tokenizer import SpecialIds, special_ids
 from tformer.errors import ConfigError
 from tformer.generation.config import GenerateConfig
 from tformer.generation.engine import device_dtype, dtype_name, make_window, sync
+from tformer.generation.quantize import compile_kernels
 from tformer.generation.prompts import prepare
 from tformer.generation.results import Completion, GenerateResult, Timings
 from tformer.generation.stream import hidden_tokens
@@ -95,6 +96,7 @@ def _beam_search(
     scores = torch.zeros(B, n, device=device)
     scores[:, 1:] = float("-inf")  # all beams start equal: let only the first one expand at step 0
     timings = Timings(str(device), dtype_name(dtype), B * n, P, 0.0, 0, cache=cfg.use_cache)
+    timings.compile_s = compile_kernels(model)
     try:
         sync(device)
         start = time.perf_counter()

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from tformer.generation.config import GenerateConfig
+from tformer.generation.quantize import compile_kernels
 from tformer.generation.recompute import RecomputeWindow
 from tformer.generation.results import Timings
 from tformer.generation.sampling import Sampler
@@ -182,6 +183,8 @@ def decode(
                          cfg.compile)
     timings = Timings(str(device), dtype_name(dtype), B, ids.size(1), 0.0, 0, cache=cfg.use_cache)
     feed = _Feed(rows, sampler, device, timings)
+    if not cfg.compile:  # a compiled step traces the int8 products into its own graph
+        timings.compile_s = compile_kernels(model)
     try:
         sync(device)
         start = time.perf_counter()

@@ -20,6 +20,7 @@ Only safetensors and JSON are read: `load_quantized` checks every name, shape an
 
 from __future__ import annotations
 
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,18 @@ def matvec(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None)
                           stacklevel=2)
             return _matvec(*args)
     return kernel(*args)
+
+
+def compile_kernels(model: nn.Module) -> float | None:
+    """Compile (or load from inductor's cache) the kernel of each matrix shape a one-row product of `model`
+    uses, so that none compiles inside a timed decode step. Returns the seconds that took, or None where
+    every kernel was ready (or the model has none)."""
+    start, before = time.perf_counter(), len(_kernels)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, Int8Linear) and m.use_kernel:
+                m(m.packed.new_zeros(1, m.in_features, dtype=torch.float32))
+    return time.perf_counter() - start if len(_kernels) > before else None
 
 
 class Int8Linear(nn.Module):

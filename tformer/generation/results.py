@@ -21,7 +21,7 @@ class Timings:
     new_tokens: int  # tokens generated per row (the longest row)
     decode_steps: int = 0  # decode steps timed in decode_s (compile warm-up excluded)
     decode_s: float = 0.0
-    compile_s: float | None = None  # the first decode steps with --compile: tracing, compiling, graph capture
+    compile_s: float | None = None  # before the clock: int8 kernels; with --compile the first steps (tracing, capture)
     cache: bool = True
 
     @property
