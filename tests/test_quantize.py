@@ -96,6 +96,9 @@ def test_kernels_compile_before_the_decode_clock(monkeypatch, decoder_dir):
     assert q.compile_kernels(loaded.model) is None  # nothing left to compile
     again = generate(loaded.model, loaded.tokenizer, ["abcd"], cfg).timings
     assert again.compile_s is None and len(q._kernels) == ready  # no kernel compiled inside the timed steps
+    monkeypatch.setattr(q, "_kernels", {})
+    beam = generate(loaded.model, loaded.tokenizer, ["abc"], GenerateConfig(max_new_tokens=4, beams=2)).timings
+    assert beam.compile_s is not None and len(q._kernels) == ready  # beam search compiles before its clock too
 
 
 def test_generate_cli_with_int8(decoder_dir):
