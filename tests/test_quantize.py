@@ -101,6 +101,24 @@ def test_kernels_compile_before_the_decode_clock(monkeypatch, decoder_dir):
     assert beam.compile_s is not None and len(q._kernels) == ready  # beam search compiles before its clock too
 
 
+def test_without_a_compiled_kernel_the_product_falls_back_to_eager(monkeypatch):
+    import torch._inductor
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(q, "MIN_KERNEL_SIZE", 0)
+    monkeypatch.setattr(q, "_kernels", {})
+    monkeypatch.setattr(q, "_kernel_failed", None)
+    monkeypatch.setattr(torch._inductor, "compile", no_compiler)
+    m = q.Int8Linear.from_weight(torch.randn(96, 64), torch.randn(96))
+    with pytest.warns(UserWarning, match="eager fallback"):
+        assert q.compile_kernels(m) is None
+    assert q._kernel_failed.startswith("RuntimeError") and not q._kernels
+    x = torch.randn(1, 64)
+    torch.testing.assert_close(m(x), x @ (m.weight.float() * m.weight_scale[:, None]).t() + m.bias)
+
+
 def test_generate_cli_with_int8(decoder_dir):
     args = ["generate", "-c", str(decoder_dir), "-p", "abc", "-n", "8", "--temperature", "0", "--json"]
     fp32 = runner.invoke(app, args)

@@ -16,8 +16,8 @@ from tformer.data.tokenizer import SpecialIds, special_ids
 from tformer.errors import ConfigError
 from tformer.generation.config import GenerateConfig
 from tformer.generation.engine import device_dtype, dtype_name, make_window, sync
-from tformer.generation.quantize import compile_kernels
 from tformer.generation.prompts import prepare
+from tformer.generation.quantize import compile_kernels
 from tformer.generation.results import Completion, GenerateResult, Timings
 from tformer.generation.stream import hidden_tokens
 from tformer.generation.window import left_pad

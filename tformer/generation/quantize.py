@@ -128,15 +128,15 @@ _kernels: dict[tuple, Any] = {}  # one compiled kernel per (shapes, bias or not)
 _kernel_failed: str | None = None  # why compiled kernels are not used (no C++ compiler, ...): eager instead
 
 
-def matvec(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`_matvec`, compiled by inductor once per matrix shape (eager where compiling failed).
+def _kernel_args(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None) -> tuple[Tensor, ...]:
+    return (x, packed, scale) if bias is None else (x, packed, scale, bias)
 
-    The graph goes to inductor directly (traced by make_fx), not through torch.compile: a decode step makes
-    one call per matrix, and dynamo's guards and wrapper would cost about as much as a small product."""
+
+def _kernel_for(args: tuple[Tensor, ...]) -> Any | None:
+    """The compiled kernel for these arguments' shapes, compiled on first use; None where compiling failed."""
     global _kernel_failed
-    args = (x, packed, scale) if bias is None else (x, packed, scale, bias)
-    if torch.compiler.is_compiling() or _kernel_failed is not None:
-        return _matvec(*args)  # inside a compiled step: traced into the caller's graph
+    if _kernel_failed is not None:
+        return None
     key = tuple((tuple(a.shape), a.dtype) for a in args)
     kernel = _kernels.get(key)
     if kernel is None:
@@ -154,9 +154,20 @@ def matvec(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None)
             import warnings
 
             warnings.warn(f"int8 kernel not compiled ({_kernel_failed}); decoding with the eager fallback",
-                          stacklevel=2)
-            return _matvec(*args)
-    return kernel(*args)
+                          stacklevel=3)
+            return None
+    return kernel
+
+
+def matvec(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`_matvec`, compiled by inductor once per matrix shape (eager where compiling failed).
+
+    The graph goes to inductor directly (traced by make_fx), not through torch.compile: a decode step makes
+    one call per matrix, and dynamo's guards and wrapper would cost about as much as a small product."""
+    args = _kernel_args(x, packed, scale, bias)
+    # inside a compiled step the math is traced into the caller's graph
+    kernel = None if torch.compiler.is_compiling() else _kernel_for(args)
+    return _matvec(*args) if kernel is None else kernel(*args)
 
 
 def compile_kernels(model: nn.Module) -> float | None:
@@ -164,10 +175,10 @@ def compile_kernels(model: nn.Module) -> float | None:
     uses, so that none compiles inside a timed decode step. Returns the seconds that took, or None where
     every kernel was ready (or the model has none)."""
     start, before = time.perf_counter(), len(_kernels)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, Int8Linear) and m.use_kernel:
-                m(m.packed.new_zeros(1, m.in_features, dtype=torch.float32))
+    for m in model.modules():
+        if isinstance(m, Int8Linear) and m.use_kernel:
+            x = m.packed.new_zeros(1, m.in_features, dtype=torch.float32)
+            _kernel_for(_kernel_args(x, m.packed, m.padded_scale, m.padded_bias))
     return time.perf_counter() - start if len(_kernels) > before else None
 
 
