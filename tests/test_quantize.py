@@ -45,6 +45,17 @@ def test_round_trip_error_is_at_most_half_a_step():
     assert err[3].max() == 0
 
 
+def test_quantizing_a_few_rows_at_a_time_equals_the_whole_matrix_at_once(monkeypatch):
+    w = torch.randn(37, 24) * torch.logspace(-2, 1, 37)[:, None]
+    w[5] = 0
+    monkeypatch.setattr(q, "QUANTIZE_CHUNK", 24 * 4)  # chunks of 4 rows, the last one of 1
+    qw, scale = q.quantize_weight(w)
+    expect_scale = w.abs().amax(1) / 127
+    expect_scale[5] = 1.0
+    assert torch.equal(scale, expect_scale)
+    assert torch.equal(qw, torch.round(w / expect_scale[:, None]).clamp(-127, 127).to(torch.int8))
+
+
 @pytest.mark.parametrize("layout", ["bytes", "words"])
 @pytest.mark.parametrize("out, d_in", [(128, 48), (70, 33)])  # a whole number of blocks, and a padded one
 def test_packed_matvec_equals_the_dequantized_product(out, d_in, layout):
