@@ -10,7 +10,7 @@ the (out, in) matrix (it walks the matrix by columns). So `pack` stores each blo
 interleaved, (blocks, in, 64): the 64 weights of one input feature are adjacent, and `_matvec` walks
 the bytes in memory order with one accumulator per row, one block of rows per thread; the rows of a block
 form a few groups of one vector each, so that the loop runs independent chains of fused multiply-adds
-rather than one chain that waits on each addition's latency (1.4x on AVX-512). How it turns
+rather than one chain that waits on each addition's latency. How it turns
 the bytes into floats depends on the vector instructions inductor compiles for (`kernel_layout`):
 with AVX-512 it converts them directly; with AVX2 that conversion loads eight bytes at a time through
 a partial-vector copy, so there the block is read as 32-bit words, each holding four weights, which
@@ -67,7 +67,7 @@ def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scale = torch.empty(w.size(0), dtype=torch.float32, device=w.device)
     # a few rows at a time: the float temporaries stay in cache, instead of whole-matrix ones that each cost
-    # a pass over fresh memory (about three times slower for GPT-2's matrices)
+    # a pass over freshly allocated memory
     rows = max(1, QUANTIZE_CHUNK // max(1, w.size(1)))
     for r in range(0, w.size(0), rows):
         chunk = w[r:r + rows].float()
